@@ -1,0 +1,365 @@
+"""
+STAR-KV model: a Llama-family decoder whose compressed layers cache low-rank key/value latents.
+
+Keys are cached per KV head as `z_k = A_j x` and rebuilt as `B_j z_k` (+ bias, + Qwen3's k-norm), then rotated at
+their own positions when read. Values are cached as one joint latent `z_v = A_v x`; decode aggregates `z_v` under the
+softmax and up-projects once per query head. Prefill rebuilds keys and values and uses the attention interface (SDPA).
+Layers kept full are plain attention layers with a plain cache.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    eager_attention_forward,
+)
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .cache_starkv import StarKVCache
+from .configuration_starkv import StarKVConfig
+from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
+
+
+class KeyUpProjection(nn.Module):
+    """Per-KV-head key up-projections with ragged ranks, side by side in one (head_dim, sum(ranks)) weight."""
+
+    def __init__(self, ranks: list[int], head_dim: int, bias: bool):
+        super().__init__()
+        self.ranks = list(ranks)
+        self.weight = nn.Parameter(torch.empty(head_dim, sum(self.ranks)))
+        self.bias = nn.Parameter(torch.empty(len(self.ranks) * head_dim)) if bias else None
+
+    def forward(self, key_latents: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """(batch, tokens, sum(ranks)) latents -> (batch, num_kv_heads, tokens, head_dim) keys before RoPE."""
+        return rebuild_keys(key_latents, self.weight, self.ranks, self.bias, norm)
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}, head_dim={self.weight.shape[0]}, bias={self.bias is not None}"
+
+
+class StarKVAttention(nn.Module):
+    """Grouped-query attention whose keys and values are cached as low-rank latents (or plainly, if kept full)."""
+
+    def __init__(self, config: StarKVConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.is_compressed = config.is_compressed(layer_idx)
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+        hidden, kv_dim = config.hidden_size, self.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
+        if self.is_compressed:
+            k_ranks, v_rank = config.kv_k_ranks[layer_idx], config.kv_v_ranks[layer_idx]
+            self.k_a_proj = nn.Linear(hidden, sum(k_ranks), bias=False)
+            self.k_b_proj = KeyUpProjection(k_ranks, self.head_dim, bias=config.attention_bias)
+            self.v_a_proj = nn.Linear(hidden, v_rank, bias=False)
+            self.v_b_proj = nn.Linear(v_rank, kv_dim, bias=config.attention_bias)
+        else:
+            self.k_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
+            self.v_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: StarKVCache | None = None,
+        key_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query = self.q_norm(query)
+        query = apply_rope(query.transpose(1, 2), cos, sin)
+
+        if self.is_compressed:
+            keys, values, value_latents = self._latent_keys_values(
+                hidden_states, past_key_values, key_position_embeddings or position_embeddings
+            )
+        else:
+            keys, values = self._plain_keys_values(hidden_states, hidden_shape, cos, sin, past_key_values)
+
+        if values is None:  # decode: values stay latent
+            attn_output = latent_attention(
+                query, keys, value_latents, self.v_b_proj.weight, self.v_b_proj.bias, attention_mask, self.scaling
+            )
+            attn_weights = None
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                keys,
+                values,
+                attention_mask,
+                dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling,
+                sliding_window=self.sliding_window,
+                **kwargs,
+            )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    def _latent_keys_values(
+        self,
+        hidden_states: torch.Tensor,
+        past_key_values: StarKVCache | None,
+        key_position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Caches the new latents; returns rotated keys, then rebuilt values (None for a decode step) and latents."""
+        key_latents = self.k_a_proj(hidden_states)
+        value_latents = self.v_a_proj(hidden_states)
+        if past_key_values is not None:
+            key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
+        cos_k, sin_k = (t.unsqueeze(1) for t in key_position_embeddings)
+        keys = apply_rope(self.k_b_proj(key_latents, self.k_norm if self.config.qk_norm else None), cos_k, sin_k)
+        if hidden_states.shape[1] == 1:
+            return keys, None, value_latents
+        values = rebuild_values(value_latents, self.v_b_proj.weight, self.v_b_proj.bias, self.num_key_value_heads)
+        return keys, values, value_latents
+
+    def _plain_keys_values(
+        self,
+        hidden_states: torch.Tensor,
+        hidden_shape: tuple[int, ...],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        past_key_values: StarKVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a layer kept full, as in the base model."""
+        keys = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            keys = self.k_norm(keys)
+        keys = apply_rope(keys.transpose(1, 2), cos, sin)
+        values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if past_key_values is not None:
+            keys, values = past_key_values.update(keys, values, self.layer_idx)
+        return keys, values
+
+
+class StarKVDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: StarKVConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = StarKVAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: StarKVCache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            key_position_embeddings=key_position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class StarKVPreTrainedModel(PreTrainedModel):
+    config_class = StarKVConfig
+    config: StarKVConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["StarKVDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    _supports_attention_backend = False
+    _can_record_outputs = {
+        "hidden_states": StarKVDecoderLayer,
+        "attentions": StarKVAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, KeyUpProjection):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class StarKVModel(StarKVPreTrainedModel):
+    def __init__(self, config: StarKVConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [StarKVDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: StarKVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = StarKVCache(self.config)
+        if past_key_values is not None and not isinstance(past_key_values, StarKVCache):
+            raise TypeError(
+                f"STAR-KV models cache latents and need a StarKVCache, not {type(past_key_values).__name__}: "
+                "let generate() create it, or pass StarKVCache(model.config) from this checkpoint's cache_starkv.py"
+            )
+
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_kwargs = {
+            "config": self.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        key_position_embeddings = position_embeddings
+        if past_key_values is not None:
+            key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
+            if past_seen_tokens > 0:
+                key_position_embeddings = self.rotary_emb(hidden_states, position_ids=key_positions)
+
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask_mapping[self.config.layer_types[decoder_layer.self_attn.layer_idx]],
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                key_position_embeddings=key_position_embeddings,
+                position_ids=position_ids,
+                **kwargs,
+            )
+
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: StarKVConfig):
+        super().__init__(config)
+        self.model = StarKVModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: StarKVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """generate() gets a StarKVCache unless the caller passed a cache or asked for none."""
+        wants_default = generation_config.cache_implementation in (None, "dynamic")
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False and wants_default:
+            model_kwargs["past_key_values"] = StarKVCache(self.config)
+            return
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+__all__ = ["StarKVForCausalLM", "StarKVModel", "StarKVPreTrainedModel"]

@@ -1,0 +1,111 @@
+"""The model card (README.md with Hub metadata) of a converted checkpoint, rendered from its report."""
+
+from typing import Any
+
+TAGS = ["starkv", "kv-cache-compression", "low-rank", "custom_code"]
+
+
+def _front_matter(report: dict[str, Any]) -> str:
+    base = report["base_model"]
+    lines = ["---"]
+    if base.get("id"):
+        lines.append(f"base_model: {base['id']}")
+    lines.append("library_name: transformers")
+    if base.get("license"):
+        lines.append(f"license: {base['license']}")
+    lines.append("pipeline_tag: text-generation")
+    lines.append("tags:")
+    lines += [f"- {tag}" for tag in TAGS]
+    lines.append("---")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _ranks_table(report: dict[str, Any]) -> str:
+    rows = ["| layer | K rank per KV head | V rank (joint) | cached values per token |", "|---|---|---|---|"]
+    full = report["kv_cache"]["values_per_token"]["base"] // len(report["ranks"]["k"])
+    for layer, (k, v) in enumerate(zip(report["ranks"]["k"], report["ranks"]["v"])):
+        if k is None:
+            rows.append(f"| {layer} | kept full | kept full | {full} of {full} |")
+        else:
+            rows.append(f"| {layer} | {', '.join(map(str, k))} | {v} | {sum(k) + v} of {full} |")
+    return "\n".join(rows)
+
+
+def render_model_card(report: dict[str, Any], repo_id: str | None = None) -> str:
+    """README.md text: what was converted, how to use it, and every number that was measured."""
+    base, budget, cache = report["base_model"], report["budget"], report["kv_cache"]
+    ppl, calib, validation = report["metrics"]["perplexity"], report["calibration"], report["validation"]
+    name = base.get("id") or base["source"]
+    link = f"[{name}](https://huggingface.co/{name})" if base.get("id") else f"`{name}`"
+    repo = repo_id or "PATH_OR_REPO_ID"
+    kept = budget["kept_ratio"]
+    method = {"energy": "whitened spectral energy, allocated across all heads and layers", "uniform": "uniform"}
+    return f"""{_front_matter(report)}
+
+# {name.split("/")[-1]} with a STAR-KV latent KV cache ({kept:.0%} of the KV cache kept)
+
+This is {link} converted by starkv: its attention caches low-rank key and value
+latents instead of full keys and values. Keys are factored per KV head and rebuilt (and rotated by RoPE) when read;
+values are factored jointly over heads and aggregated in latent space before one up-projection per query head.
+Only the key/value projections differ from the base model; every other tensor is bit-identical to it.
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+```
+
+The remote code needs only `torch` and `transformers` (>= 5.17); it runs on CPU and GPU in float32, bfloat16 and
+float16, and works with `generate()` (greedy, sampling, beam search, padded batches, streaming).
+
+## KV cache (measured)
+
+| | base model | STAR-KV |
+|---|---|---|
+| cached values per token (all layers) | {_fmt(cache["values_per_token"]["base"])} | {_fmt(cache["values_per_token"]["starkv"])} |
+| cache bytes per token, measured after a forward pass ({base["dtype"]}) | {_fmt(cache["bytes_per_token"]["base"], 0)} | {_fmt(cache["bytes_per_token"]["starkv"], 0)} |
+| reduction | 1x | {_fmt(cache["reduction"])}x |
+
+## Quality (measured)
+
+Perplexity on {ppl["data"]} ({_fmt(ppl["tokens"])} predicted tokens):
+
+| base model | STAR-KV |
+|---|---|
+| {_fmt(ppl["base"])} | {_fmt(ppl["starkv"])} |
+
+## Ranks
+
+Rank selection: {method.get(budget["method"], budget["method"])}; initialization: {budget["init"]}
+(damping {budget["damp"]}); budget: --kv-ratio {budget["kv_ratio"]}{_side_ratios(budget)}; layers kept full:
+{budget["skip_layers"] or "none"}.
+
+{_ranks_table(report)}
+
+## Conversion
+
+- calibration: {calib["source"]} ({_fmt(calib["tokens"])} tokens)
+- command: `{report["command"]}`
+- starkv {report["starkv_version"]}, torch {report["environment"]["torch"]}, transformers
+  {report["environment"]["transformers"]}, on {report["environment"]["device"]}, in {_fmt(report["timings_s"]["total"], 0)} s
+- validation: {"passed" if validation["passed"] else "FAILED: " + "; ".join(validation["problems"])}
+"""
+
+
+def _side_ratios(budget: dict[str, Any]) -> str:
+    if budget.get("k_ratio") is None:
+        return ""
+    return f" (keys {budget['k_ratio']}, values {budget['v_ratio']})"

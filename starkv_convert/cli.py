@@ -1,0 +1,123 @@
+"""Command lines: starkv-convert, starkv-eval, starkv-push."""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from .errors import StarKVError
+
+
+def _run(action: Callable[[], None]) -> int:
+    """Runs `action`; bad input exits 2 with a one-line message, Ctrl-C exits 130."""
+    try:
+        action()
+    except StarKVError as e:
+        print(f"starkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("starkv: interrupted; no output folder was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="starkv-convert",
+        description="Convert a Llama-family causal LM into a STAR-KV checkpoint with a low-rank latent KV cache.",
+    )
+    p.add_argument("model", nargs="?", help="Hub id, local folder or .gguf file (default: the embedded SmolLM2-135M)")
+    p.add_argument("-o", "--output", help="output folder (default: <model>-starkv-<ratio>)")
+    p.add_argument("--kv-ratio", type=float, default=0.5, help="fraction of KV-cache values kept per token (0, 1]")
+    p.add_argument("--k-ratio", type=float, help="give keys their own budget (with --v-ratio)")
+    p.add_argument("--v-ratio", type=float, help="give values their own budget (with --k-ratio)")
+    p.add_argument("--method", default="energy", help="rank selection: energy (default) or uniform")
+    p.add_argument("--uniform", action="store_const", const="uniform", dest="method", help="same as --method uniform")
+    p.add_argument("--init", default="whitened", help="whitened (activation-aware SVD, default) or svd (plain SVD)")
+    p.add_argument("--damp", type=float, default=0.01, help="whitening damping, relative to the mean input power")
+    p.add_argument(
+        "--calibration",
+        help="Hub dataset name[:config[:split]], or .txt/.jsonl/.parquet files or folders (default: text sampled "
+        "from the model itself)",
+    )
+    p.add_argument("--calibration-samples", type=int, default=32, help="number of calibration blocks")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration block")
+    p.add_argument("--eval-samples", type=int, default=4, help="held-out blocks for the perplexity in the card")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-layers", help="comma-separated layers to keep full, e.g. 0,1,-1")
+    p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the validated checkpoint to the Hub")
+    p.add_argument("--private", action="store_true", help="make the Hub repository private")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    from .convert import ConvertOptions, convert
+
+    args = convert_parser().parse_args(argv)
+    options = ConvertOptions(
+        model=args.model,
+        output=args.output,
+        kv_ratio=args.kv_ratio,
+        k_ratio=args.k_ratio,
+        v_ratio=args.v_ratio,
+        method=args.method,
+        init=args.init,
+        damp=args.damp,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
+        seq_len=args.seq_len,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        skip_layers=args.skip_layers,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        progress=not args.quiet,
+    )
+    return _run(lambda: print(convert(options)))
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    from .evaluate import evaluate
+
+    p = argparse.ArgumentParser(prog="starkv-eval", description="Perplexity and KV-cache bytes per token of a model.")
+    p.add_argument("model", nargs="?", help="Hub id, folder (base or STAR-KV) or .gguf file (default: embedded)")
+    p.add_argument("--text", required=True, help="UTF-8 text file to measure perplexity on")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=20, help="number of consecutive windows of --seq-len tokens")
+    p.add_argument("--start", type=int, default=0, help="token where the first window starts")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    def action() -> None:
+        result = evaluate(
+            args.model, args.text, args.seq_len, args.windows, args.start, args.dtype, args.device, not args.quiet
+        )
+        print(json.dumps(result, indent=2))
+
+    return _run(action)
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    from .push import push_to_hub
+
+    p = argparse.ArgumentParser(prog="starkv-push", description="Upload a validated STAR-KV checkpoint to the Hub.")
+    p.add_argument("folder")
+    p.add_argument("repo_id", metavar="ORG/NAME")
+    p.add_argument("--private", action="store_true")
+    args = p.parse_args(argv)
+    return _run(lambda: print(push_to_hub(args.folder, args.repo_id, private=args.private)))
+
+
+if __name__ == "__main__":
+    sys.exit(convert_main())

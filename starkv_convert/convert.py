@@ -1,0 +1,312 @@
+"""The conversion pipeline: load, calibrate, factorize, choose ranks, export, validate, (push)."""
+
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .build import latent_state_dict, starkv_config
+from .calibration import calibration_data
+from .card import render_model_card
+from .errors import StarKVError
+from .export import atomic_output, write_checkpoint
+from .factorize import LayerFactors, factorize_layer, whitening_factor
+from .families import head_dim
+from .loading import (
+    ModelSource,
+    eos_token_id,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
+from .push import REPORT, push_to_hub
+from .ranks import ModelShape, RankPlan, energy_ranks, make_budget, parse_skip_layers, uniform_ranks
+from .statistics import attention_input_moments
+from .validation import validate_checkpoint
+
+METHODS = ("energy", "uniform")
+INITS = ("whitened", "svd")
+
+
+@dataclass
+class ConvertOptions:
+    """Everything `starkv-convert` takes; the defaults are the CLI's."""
+
+    model: str | None = None
+    output: str | None = None
+    kv_ratio: float = 0.5
+    k_ratio: float | None = None
+    v_ratio: float | None = None
+    method: str = "energy"
+    init: str = "whitened"
+    damp: float = 0.01
+    calibration: str | None = None
+    calibration_samples: int = 32
+    seq_len: int = 512
+    eval_samples: int = 4
+    seed: int = 0
+    skip_layers: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 4
+    overwrite: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
+    progress: bool = True
+    command: str = field(default_factory=lambda: " ".join(["starkv-convert", *sys.argv[1:]]))
+
+
+class ConversionFailed(StarKVError):
+    """The checkpoint was written but failed validation (so it is not pushed)."""
+
+
+def _log(options: ConvertOptions, message: str) -> None:
+    if options.progress:
+        print(f"[starkv] {message}", file=sys.stderr, flush=True)
+
+
+def check_options(options: ConvertOptions) -> None:
+    """Rejects bad option values before any work is done."""
+    if options.method not in METHODS:
+        raise StarKVError(f"--method {options.method!r} is not one of {', '.join(METHODS)}")
+    if options.init not in INITS:
+        raise StarKVError(f"--init {options.init!r} is not one of {', '.join(INITS)}")
+    if not 0 <= options.damp < 1:
+        raise StarKVError(f"--damp must be in [0, 1), got {options.damp}")
+    if options.calibration_samples < 1 or options.seq_len < 2 or options.eval_samples < 0:
+        raise StarKVError("--calibration-samples must be >= 1, --seq-len >= 2 and --eval-samples >= 0")
+    if options.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", options.push_to_hub):
+        raise StarKVError(f"--push-to-hub {options.push_to_hub!r}: expected ORG/NAME")
+    resolve_dtype(options.dtype)
+
+
+def default_output(source: ModelSource, options: ConvertOptions) -> Path:
+    name = source.name.split(".")[0] if source.gguf_file else source.name
+    return Path(f"{name}-starkv-{options.kv_ratio:g}")
+
+
+def model_shape(config: Any) -> ModelShape:
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return ModelShape(config.num_hidden_layers, kv_heads, head_dim(config), config.hidden_size)
+
+
+@torch.no_grad()
+def factorize_model(
+    model: Any, moments: list[torch.Tensor] | None, skip: list[int], damp: float, progress: bool = True
+) -> dict[int, LayerFactors]:
+    """Factorizations of every compressed layer's key and value projections (float64)."""
+    kv_heads = model_shape(model.config).num_kv_heads
+    factors = {}
+    for i, layer in enumerate(tqdm(model.model.layers, desc="factorizing", unit="layer", disable=not progress)):
+        if i in skip:
+            continue
+        whitening = whitening_factor(moments[i], damp) if moments is not None else None
+        attn = layer.self_attn
+        factors[i] = factorize_layer(attn.k_proj.weight, attn.v_proj.weight, kv_heads, whitening)
+    return factors
+
+
+def choose_ranks(
+    factors: dict[int, LayerFactors], shape: ModelShape, skip: list[int], options: ConvertOptions
+) -> RankPlan:
+    budget = make_budget(shape, skip, options.kv_ratio, options.k_ratio, options.v_ratio)
+    if options.method == "uniform":
+        return uniform_ranks(shape, skip, budget)
+    return energy_ranks(factors, shape, skip, budget)
+
+
+def _environment(device: str) -> dict[str, str]:
+    import transformers
+
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.machine()})"
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": name,
+        "python": platform.python_version(),
+    }
+
+
+def build_report(
+    options: ConvertOptions,
+    source: ModelSource,
+    base_config: Any,
+    plan: RankPlan,
+    shape: ModelShape,
+    skip: list[int],
+    calibration: Any,
+    measured: dict[str, Any],
+    problems: list[str],
+    timings: dict[str, float],
+    dtype: torch.dtype,
+    device: str,
+    license_name: str | None,
+) -> dict[str, Any]:
+    """Everything the model card states, as data (written to starkv_report.json)."""
+    base_values = 2 * shape.side_floats * shape.num_layers
+    bytes_base, bytes_starkv = measured.get("bytes_per_token_base"), measured.get("bytes_per_token_starkv")
+    held_out = len(calibration.eval_blocks)
+    return {
+        "starkv_version": __version__,
+        "base_model": {
+            "id": source.base_model_id,
+            "source": str(Path(source.path) / source.gguf_file) if source.gguf_file else source.path,
+            "model_type": base_config.model_type,
+            "dtype": str(dtype).removeprefix("torch."),
+            "license": license_name,
+        },
+        "budget": {
+            "kv_ratio": options.kv_ratio,
+            "k_ratio": options.k_ratio,
+            "v_ratio": options.v_ratio,
+            "kept_ratio": plan.ratio(shape),
+            "method": options.method,
+            "init": options.init,
+            "damp": options.damp,
+            "skip_layers": skip,
+        },
+        "ranks": {"k": plan.k, "v": plan.v},
+        "kv_cache": {
+            "values_per_token": {"base": base_values, "starkv": plan.floats_per_token(shape)},
+            "bytes_per_token": {"base": bytes_base, "starkv": bytes_starkv},
+            "reduction": bytes_base / bytes_starkv if bytes_base and bytes_starkv else None,
+        },
+        "calibration": {
+            "source": calibration.source,
+            "samples": options.calibration_samples,
+            "seq_len": options.seq_len,
+            "tokens": calibration.tokens,
+            "seed": options.seed,
+        },
+        "metrics": {
+            "perplexity": {
+                "base": measured.get("perplexity_base"),
+                "starkv": measured.get("perplexity_starkv"),
+                "data": f"{held_out} held-out blocks of {options.seq_len} tokens that follow the calibration blocks",
+                "tokens": held_out * (options.seq_len - 1),
+            }
+        },
+        "validation": {"passed": not problems, "problems": problems},
+        "timings_s": timings,
+        "command": options.command,
+        "environment": _environment(device),
+    }
+
+
+def base_license(source: ModelSource) -> str | None:
+    """The base model's license: from GGUF metadata, a local README's front matter, or the Hub's model card."""
+    try:
+        if source.gguf_file:
+            import gguf
+
+            field_ = gguf.GGUFReader(Path(source.path) / source.gguf_file).fields.get("general.license")
+            return str(field_.contents()) if field_ is not None else None
+        if source.is_local:
+            readme = Path(source.path) / "README.md"
+            text = readme.read_text() if readme.is_file() else ""
+        else:
+            from huggingface_hub import hf_hub_download
+
+            text = Path(hf_hub_download(source.path, "README.md")).read_text()
+        match = re.search(r"^license:\s*(\S+)\s*$", text.split("\n---", 1)[0], re.MULTILINE)
+        return match.group(1) if match else None
+    except Exception:  # the license is informative: a missing or unreadable card leaves it unset
+        return None
+
+
+def convert(options: ConvertOptions) -> Path:
+    """Converts `options.model` and writes the checkpoint folder; returns its path."""
+    start = time.perf_counter()
+    check_options(options)
+    device = resolve_device(options.device)
+    source = resolve_source(options.model)
+    base_config = load_config(source)
+    shape = model_shape(base_config)
+    skip = parse_skip_layers(options.skip_layers, shape.num_layers)
+    make_budget(shape, skip, options.kv_ratio, options.k_ratio, options.v_ratio)  # fail fast
+    output = Path(options.output) if options.output else default_output(source, options)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    with atomic_output(output, options.overwrite) as staging:
+        t = time.perf_counter()
+        _log(options, f"loading {source.path}{'/' + source.gguf_file if source.gguf_file else ''} on {device}")
+        tokenizer = load_tokenizer(source)
+        model = load_model(source, resolve_dtype(options.dtype), device)
+        dtype = next(model.parameters()).dtype
+        t = lap("load", t)
+
+        calibration = calibration_data(
+            options.calibration,
+            model,
+            tokenizer,
+            eos_token_id(model, tokenizer),
+            options.calibration_samples,
+            options.seq_len,
+            options.eval_samples,
+            options.seed,
+            options.progress,
+        )
+        _log(options, f"calibration: {calibration.source}")
+        t = lap("calibration_data", t)
+        moments = None
+        if options.init == "whitened":
+            moments = attention_input_moments(model, calibration.blocks, options.batch_size, options.progress)
+        t = lap("statistics", t)
+        factors = factorize_model(model, moments, skip, options.damp, options.progress)
+        plan = choose_ranks(factors, shape, skip, options)
+        _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
+        t = lap("factorize", t)
+
+        config = starkv_config(model.config, plan, dtype)
+        state = latent_state_dict(model.state_dict(), factors, plan, dtype)
+        del factors, moments
+        write_checkpoint(staging, config, state, tokenizer, model.generation_config)
+        del state
+        t = lap("export", t)
+
+        eval_blocks = calibration.eval_blocks if len(calibration.eval_blocks) else calibration.blocks[-1:]
+        _log(options, "validating the checkpoint as users load it")
+        measured, problems = validate_checkpoint(staging, model, eval_blocks, device, options.progress)
+        t = lap("validate", t)
+        timings["total"] = round(time.perf_counter() - start, 2)
+        report = build_report(
+            options,
+            source,
+            base_config,
+            plan,
+            shape,
+            skip,
+            calibration,
+            measured,
+            problems,
+            timings,
+            dtype,
+            device,
+            base_license(source),
+        )
+        (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        (staging / "README.md").write_text(render_model_card(report, options.push_to_hub))
+
+    _log(options, f"wrote {output} in {timings['total']:.0f} s")
+    if problems:
+        raise ConversionFailed(f"{output} failed validation: {'; '.join(problems)}")
+    if options.push_to_hub:
+        url = push_to_hub(output, options.push_to_hub, private=options.private)
+        _log(options, f"pushed to {url}")
+    return output

@@ -1,0 +1,66 @@
+"""Writing a checkpoint folder: weights as safetensors shards, config, remote code, tokenizer; all or nothing."""
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import save_torch_state_dict
+
+from .errors import StarKVError
+from .remote_code import remote_code_files
+
+
+@contextmanager
+def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
+    """
+    Yields an empty staging folder beside `output` that is renamed to `output` only when the block completes; on any
+    error or Ctrl-C the staging folder (and any parent folder this created) is removed and `output` is untouched.
+    """
+    output = Path(output).expanduser().absolute()
+    if output.exists() and not overwrite:
+        raise StarKVError(f"{output} already exists: choose another --output or pass --overwrite")
+    created = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    previous = None
+    if output.exists():
+        previous = output.with_name(f".{output.name}.replaced")
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(output, previous)
+    os.replace(staging, output)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_checkpoint(
+    folder: Path,
+    config: Any,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer: Any,
+    generation_config: Any,
+    max_shard_size: str = "5GB",
+) -> None:
+    """Writes a self-contained STAR-KV checkpoint into `folder`."""
+    state = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_torch_state_dict(state, folder, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    for file in remote_code_files():
+        shutil.copy2(file, folder / file.name)
+    tokenizer.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
