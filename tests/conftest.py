@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny offline tokenizer, tiny random models of every supported family, converted checkpoints."""
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
+TINY_VOCAB = 384
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import FAMILIES, make_base_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small real-text .txt file (the first lines of WikiText-2 test)."""
+    lines = [line for line in SHARED_DATA.read_text().splitlines() if line.strip()][:160]
+    path = tmp_path_factory.mktemp("corpus") / "calib.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(corpus):
+    """A byte-level BPE tokenizer trained on the corpus: offline and instant."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(corpus)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
+    """family -> folder with a tiny random base model of that family and the tiny tokenizer (built once)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            folder = tmp_path_factory.mktemp(f"base-{family}")
+            model = make_base_model(family, TINY_VOCAB)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            built[family] = folder
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, base_dir, corpus) -> Callable[..., Path]:
+    """(family, **options) -> folder of the converted checkpoint (each combination converted once)."""
+    from starkv_convert.convert import ConvertOptions, convert
+
+    done: dict[str, Path] = {}
+
+    def get(family: str, **options) -> Path:
+        key = json.dumps([family, options], sort_keys=True)
+        if key not in done:
+            out = tmp_path_factory.mktemp("converted") / f"{family}-starkv"
+            settings = {"calibration_samples": 8, "seq_len": 64, "eval_samples": 2, "progress": False, **options}
+            convert(ConvertOptions(model=str(base_dir(family)), output=str(out), calibration=str(corpus), **settings))
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def load_pair(base: Path, converted_dir: Path):
+    """(base model, converted model) loaded as users load them, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(converted_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    return a, b
