@@ -1,46 +1,65 @@
 """The STAR-KV cache: low-rank key/value latents per layer plus the positions of the cached tokens."""
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class LatentLayer(DynamicLayer):
     """
-    Cache of one compressed layer. `keys` holds the key latents (batch, tokens, sum of the per-head key ranks) and
-    `values` the joint value latents (batch, tokens, value rank). The token axis is -2 as in `DynamicLayer`, so the
-    inherited concatenation, cropping, beam reordering and batch selection apply unchanged.
+    Cache of one compressed layer. `keys` holds the key latents (batch, 1, tokens, sum of the per-head key ranks) and
+    `values` the joint value latents (batch, 1, tokens, value rank): one "head" of latents, tokens on axis -2 as in
+    `DynamicLayer`, so the inherited concatenation, cropping, beam reordering and batch selection apply unchanged.
     """
+
+    supports_early_init = False
+
+
+class SlidingLatentLayer(DynamicSlidingWindowLayer):
+    """A `LatentLayer` of a sliding-window layer: it keeps only the latents of the last `sliding_window - 1` tokens."""
 
     supports_early_init = False
 
 
 class StarKVCache(Cache):
     """
-    Cache of a STAR-KV model: a `LatentLayer` per compressed layer, a `DynamicLayer` per layer kept full, and the
-    positions of the cached tokens (batch, tokens), stored once for all layers because keys are rebuilt and rotated
-    at their own positions when they are read.
+    Cache of a STAR-KV model: a latent layer per compressed layer, a plain layer per layer kept full, and the
+    positions (batch, tokens) of the cached tokens, stored once for all layers because keys are rebuilt and rotated
+    at their own positions when they are read. Sliding-window layers keep only the window, as in transformers'
+    `DynamicCache`; positions are kept for as many tokens as the longest layer holds.
     """
 
     def __init__(self, config, **kwargs):
-        layers = [LatentLayer() if config.is_compressed(i) else DynamicLayer() for i in range(config.num_hidden_layers)]
+        layers = []
+        for i in range(config.num_hidden_layers):
+            sliding = config.layer_types[i] == "sliding_attention" and config.sliding_window is not None
+            if config.is_compressed(i):
+                layers.append(SlidingLatentLayer(config.sliding_window) if sliding else LatentLayer())
+            else:
+                layers.append(DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer())
         super().__init__(layers=layers)
         self.positions: torch.Tensor | None = None
 
+    def _held_tokens(self) -> int:
+        """Tokens held by the longest layer (all of them unless every layer is a full sliding window)."""
+        return max(layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers)
+
     def update_positions(self, position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Appends the positions of new tokens (once per forward) and returns those of every cached token."""
+        """Appends the positions of new tokens (once per forward) and returns those of every held token."""
         new = position_ids.to(torch.int32).expand(batch_size, -1)
         self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=-1)
         return self.positions
 
+    def trim_positions(self) -> None:
+        """Drops the positions of tokens no layer holds any more (after a forward through every layer)."""
+        if self.positions is not None:
+            self.positions = self.positions[:, self.positions.shape[1] - self._held_tokens() :]
+
     def update_latents(
         self, key_latents: torch.Tensor, value_latents: torch.Tensor, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends the latents of new tokens to layer `layer_idx` and returns all of that layer's latents."""
-        return self.layers[layer_idx].update(key_latents, value_latents)
-
-    def _sync_positions(self) -> None:
-        if self.positions is not None:
-            self.positions = self.positions[:, : self.get_seq_length()]
+        """Appends (batch, new tokens, rank) latents to layer `layer_idx`; returns the latents attention reads."""
+        keys, values = self.layers[layer_idx].update(key_latents.unsqueeze(1), value_latents.unsqueeze(1))
+        return keys.squeeze(1), values.squeeze(1)
 
     def reset(self) -> None:
         super().reset()
@@ -51,9 +70,10 @@ class StarKVCache(Cache):
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
 
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        self._sync_positions()
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        if self.positions is not None:
+            self.positions = self.positions[:, : self._held_tokens()]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -66,4 +86,4 @@ class StarKVCache(Cache):
             self.positions = self.positions[indices, ...]
 
 
-__all__ = ["LatentLayer", "StarKVCache"]
+__all__ = ["LatentLayer", "SlidingLatentLayer", "StarKVCache"]

@@ -142,7 +142,8 @@ class StarKVAttention(nn.Module):
         value_latents = self.v_a_proj(hidden_states)
         if past_key_values is not None:
             key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
-        cos_k, sin_k = (t.unsqueeze(1) for t in key_position_embeddings)
+        # a sliding-window layer reads only the latest tokens: the positions' tail
+        cos_k, sin_k = (t[:, -key_latents.shape[1] :].unsqueeze(1) for t in key_position_embeddings)
         keys = apply_rope(self.k_b_proj(key_latents, self.k_norm if self.config.qk_norm else None), cos_k, sin_k)
         if hidden_states.shape[1] == 1:
             return keys, None, value_latents
@@ -301,6 +302,8 @@ class StarKVModel(StarKVPreTrainedModel):
                 **kwargs,
             )
 
+        if past_key_values is not None:
+            past_key_values.trim_positions()
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 

@@ -46,8 +46,9 @@ def test_greedy_tokens_equal_base(family, base_dir, converted, tokenizer):
 def test_left_padded_batch_equals_base(family, base_dir, converted, tokenizer):
     base, model = load_pair(base_dir(family), converted(family, kv_ratio=1.0))
     tokenizer.padding_side = "left"
-    inputs = tokenizer(["A short one", "A much longer prompt about the river and the bridge"], return_tensors="pt",
-                       padding=True)
+    inputs = tokenizer(
+        ["A short one", "A much longer prompt about the river and the bridge"], return_tensors="pt", padding=True
+    )
     assert (inputs["attention_mask"][0] == 0).any()
     kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
     expected = base.generate(**inputs, **kwargs)

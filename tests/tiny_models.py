@@ -39,9 +39,12 @@ def tiny_config(family: str, vocab_size: int):
     if family == "mistral":
         return AutoConfig.for_model("mistral", sliding_window=24, **kwargs)
     if family == "qwen2":
-        return AutoConfig.for_model("qwen2", use_sliding_window=False, tie_word_embeddings=True, **{
-            k: v for k, v in kwargs.items() if k != "tie_word_embeddings"
-        })
+        return AutoConfig.for_model(
+            "qwen2",
+            use_sliding_window=False,
+            tie_word_embeddings=True,
+            **{k: v for k, v in kwargs.items() if k != "tie_word_embeddings"},
+        )
     if family == "qwen3":
         return AutoConfig.for_model("qwen3", **kwargs)
     raise ValueError(family)
