@@ -45,6 +45,7 @@ class StarKVConfig(LlamaConfig):
         if self.kv_v_ranks is None:
             self.kv_v_ranks = [None] * self.num_hidden_layers
         super().__post_init__(**kwargs)
+        self.validate_architecture()  # a checkpoint with inconsistent ranks fails here, with the layer named
 
     def validate_architecture(self):
         """Checks the family and that the ranks fit the model's shapes."""

@@ -175,7 +175,7 @@ def pack_blocks(
 
 @torch.no_grad()
 def sample_from_model(
-    model: Any, tokenizer: Any, n_blocks: int, seq_len: int, seed: int, batch_size: int = 16, progress: bool = True
+    model: Any, tokenizer: Any, n_blocks: int, seq_len: int, seed: int, batch_size: int = 64, progress: bool = True
 ) -> torch.Tensor:
     """(n_blocks, seq_len) tokens sampled from the model (temperature 1, top-p 0.95), each from a random token."""
     device = next(model.parameters()).device

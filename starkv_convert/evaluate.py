@@ -63,16 +63,19 @@ def load_for_eval(model: str | None, dtype: str = "auto", device: str = "auto") 
 
     source = resolve_source(model)
     device = resolve_device(device)
-    kwargs: dict[str, Any] = {**source.load_kwargs(), "dtype": resolve_dtype(dtype) or "auto"}
-    if is_starkv_checkpoint(source):
-        kwargs["trust_remote_code"] = True
+    starkv = is_starkv_checkpoint(source)
+    kwargs: dict[str, Any] = {
+        **source.load_kwargs(),
+        "dtype": resolve_dtype(dtype) or "auto",
+        "trust_remote_code": starkv,
+    }
     if device != "cpu":
         kwargs["device_map"] = device
     try:
         loaded = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
+    except Exception as e:  # missing, truncated or mismatched files, or a bad config
         raise StarKVError(f"could not load {model}: {str(e).strip().splitlines()[0]}") from None
-    return loaded.eval(), load_tokenizer(source), source
+    return loaded.eval(), load_tokenizer(source, trust_remote_code=starkv), source
 
 
 def text_windows(tokenizer: Any, text_file: str, seq_len: int, windows: int, start: int) -> torch.Tensor:

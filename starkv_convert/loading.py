@@ -104,16 +104,17 @@ def load_model(source: ModelSource, dtype: torch.dtype | None, device: str) -> t
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except ImportError as e:
         raise StarKVError(f"{_first_line(e)} (GGUF input needs: pip install 'starkv[gguf]')") from None
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # missing, truncated or mismatched weight files
         raise StarKVError(f"could not load the weights of {source.path}: {_first_line(e)}") from None
     return model.eval()
 
 
-def load_tokenizer(source: ModelSource) -> Any:
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer (`trust_remote_code` for STAR-KV checkpoints, whose config names remote code)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path, **source.load_kwargs())
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.load_kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise StarKVError(f"could not load the tokenizer of {source.path}: {_first_line(e)}") from None
 
