@@ -34,7 +34,7 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="energy", help="rank selection: energy (default) or uniform")
     p.add_argument("--uniform", action="store_const", const="uniform", dest="method", help="same as --method uniform")
     p.add_argument("--init", default="whitened", help="whitened (activation-aware SVD, default) or svd (plain SVD)")
-    p.add_argument("--damp", type=float, default=0.01, help="whitening damping, relative to the mean input power")
+    p.add_argument("--damp", type=float, default=0.001, help="whitening damping, relative to the mean input power")
     p.add_argument(
         "--calibration",
         help="Hub dataset name[:config[:split]], or .txt/.jsonl/.parquet files or folders (default: text sampled "

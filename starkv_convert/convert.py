@@ -50,7 +50,7 @@ class ConvertOptions:
     v_ratio: float | None = None
     method: str = "energy"
     init: str = "whitened"
-    damp: float = 0.01
+    damp: float = 0.001
     calibration: str | None = None
     calibration_samples: int = 32
     seq_len: int = 512

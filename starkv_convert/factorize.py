@@ -37,8 +37,8 @@ def whitening_factor(second_moment: torch.Tensor, damp: float) -> torch.Tensor:
     c = second_moment.double()
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
     scale = c.diagonal().mean().clamp_min(1e-12)
-    for attempt in range(6):
-        lower, info = torch.linalg.cholesky_ex(c + damp * 10**attempt * scale * eye)
+    for relative in [damp, *(max(damp, 1e-6) * 10**attempt for attempt in range(1, 7))]:
+        lower, info = torch.linalg.cholesky_ex(c + relative * scale * eye)
         if info.item() == 0:
             return lower
     raise ValueError("the calibration second-moment matrix is not positive definite even after damping")

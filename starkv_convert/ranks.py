@@ -135,19 +135,18 @@ def uniform_ranks(shape: ModelShape, skip: list[int], budget: Budget) -> RankPla
 def energy_ranks(factors: dict[int, LayerFactors], shape: ModelShape, skip: list[int], budget: Budget) -> RankPlan:
     """
     Keeps the components with the most whitened spectral energy across all heads and layers. A component's score
-    is its share of its layer's key (or value) energy, so that the key and value sides and layers of different
-    scales compete on the same footing; every head keeps at least rank 1.
+    is its share of its block's energy (a block: one KV head's keys, or one layer's values), so the greedy choice
+    minimizes the sum of the blocks' relative reconstruction errors, and heads, layers and the key and value sides of
+    different scales compete on the same footing. Every block keeps at least rank 1.
     """
     blocks, scores, block_ids, sides = [], [], [], []
     for layer in range(shape.num_layers):
         if layer in skip:
             continue
         f = factors[layer]
-        k_total = sum(h.energy.sum() for h in f.k).clamp_min(1e-30)
-        for side, energies, total in [("k", h.energy, k_total) for h in f.k] + [("v", f.v.energy, None)]:
-            total = f.v.energy.sum().clamp_min(1e-30) if total is None else total
+        for side, energies in [("k", h.energy) for h in f.k] + [("v", f.v.energy)]:
             block_ids.append(torch.full((len(energies) - 1,), len(blocks)))
-            scores.append((energies[1:] / total).float().cpu())
+            scores.append((energies[1:] / energies.sum().clamp_min(1e-30)).float().cpu())
             sides.append(torch.full((len(energies) - 1,), side == "k"))
             blocks.append((layer, side))
     scores, block_ids, is_k = torch.cat(scores), torch.cat(block_ids), torch.cat(sides)

@@ -1,0 +1,97 @@
+"""SmolLM2-135M perplexity with the ../shared/ANCHORS.md protocol for each rank-selection method and budget.
+
+Whitening statistics from the first 32x512 tokens of WikiText-2 test; perplexity on 20 windows of 512 tokens from
+token 100,000. Uses the converter's own functions (statistics, factorization, ranks, the remote model), so the
+numbers are those of `starkv-convert --calibration <first 32x512 tokens>`.
+
+    python benchmarks/smollm2_ranks.py --ratios 0.5 0.3 --methods uniform energy
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from starkv_convert.build import build_model, latent_state_dict, starkv_config
+from starkv_convert.convert import ConvertOptions, choose_ranks, factorize_model, model_shape
+from starkv_convert.evaluate import perplexity
+from starkv_convert.loading import load_model, load_tokenizer, resolve_source
+from starkv_convert.statistics import attention_input_moments
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
+
+
+def anchors_windows(tokenizer, text: Path, seq_len: int = 512, windows: int = 20, start: int = 100_000):
+    ids = torch.tensor(tokenizer(text.read_text())["input_ids"])
+    return ids, ids[start : start + windows * seq_len].view(windows, seq_len)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.3])
+    p.add_argument("--methods", nargs="+", default=["uniform", "energy"])
+    p.add_argument("--damp", type=float, nargs="+", default=[0.001])
+    p.add_argument("--text", type=Path, default=DATA)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "smollm2_ranks.json")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    source = resolve_source(None)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, None, "cpu")
+    ids, windows = anchors_windows(tokenizer, args.text)
+    calib = ids[: 32 * 512].view(32, 512)
+    shape = model_shape(model.config)
+
+    t = time.perf_counter()
+    base_ppl = perplexity(model, windows)
+    rows = [{"method": "base", "kv_ratio": 1.0, "perplexity": base_ppl, "eval_s": round(time.perf_counter() - t, 1)}]
+    print(f"base {base_ppl:.3f}", flush=True)
+    moments = attention_input_moments(model, calib, batch_size=4, progress=False)
+    for damp in args.damp:
+        factors = factorize_model(model, moments, [], damp, progress=False)
+        for ratio in args.ratios:
+            for method in args.methods:
+                options = ConvertOptions(kv_ratio=ratio, method=method, damp=damp)
+                plan = choose_ranks(factors, shape, [], options)
+                config = starkv_config(model.config, plan, torch.float32)
+                converted = build_model(
+                    config, latent_state_dict(model.state_dict(), factors, plan, torch.float32), "cpu"
+                )
+                t = time.perf_counter()
+                ppl = perplexity(converted, windows)
+                rows.append(
+                    {
+                        "method": method,
+                        "kv_ratio": ratio,
+                        "damp": damp,
+                        "kept_ratio": plan.ratio(shape),
+                        "k_values": sum(sum(k) for k in plan.k),
+                        "v_values": sum(plan.v),
+                        "perplexity": ppl,
+                        "eval_s": round(time.perf_counter() - t, 1),
+                        "ranks": {"k": plan.k, "v": plan.v},
+                    }
+                )
+                print(f"{method:8s} ratio {ratio} damp {damp}: kept {plan.ratio(shape):.4f} ppl {ppl:.3f}", flush=True)
+    import transformers
+
+    result = {
+        "benchmark": "smollm2_ranks",
+        "protocol": "ANCHORS.md: whitening from the first 32x512 tokens of wikitext2-test; ppl on 20x512 windows "
+        "from token 100000 (tokenizer over the whole file)",
+        "device": "CPU (2 cores)",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"\n{'method':8s} {'ratio':>6s} {'damp':>6s} {'ppl':>9s}")
+    for r in rows:
+        print(f"{r['method']:8s} {r['kv_ratio']:6.2f} {r.get('damp', 0):6.3f} {r['perplexity']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()
