@@ -9,6 +9,7 @@ numbers are those of `starkv-convert --calibration <first 32x512 tokens>`.
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -76,9 +77,14 @@ def main() -> None:
                     }
                 )
                 print(f"{method:8s} ratio {ratio} damp {damp}: kept {plan.ratio(shape):.4f} ppl {ppl:.3f}", flush=True)
+    import subprocess
+
     import transformers
 
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     result = {
+        "commit": commit.stdout.strip(),
+        "command": "python benchmarks/smollm2_ranks.py " + " ".join(sys.argv[1:]),
         "benchmark": "smollm2_ranks",
         "protocol": "ANCHORS.md: whitening from the first 32x512 tokens of wikitext2-test; ppl on 20x512 windows "
         "from token 100000 (tokenizer over the whole file)",
@@ -88,6 +94,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
     print(f"\n{'method':8s} {'ratio':>6s} {'damp':>6s} {'ppl':>9s}")
     for r in rows:
         print(f"{r['method']:8s} {r['kv_ratio']:6.2f} {r.get('damp', 0):6.3f} {r['perplexity']:9.3f}")
