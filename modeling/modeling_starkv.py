@@ -29,6 +29,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cache_starkv import StarKVCache
 from .configuration_starkv import StarKVConfig
+from .latent_decode import latent_decode_attention, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
 
 
@@ -90,6 +91,7 @@ class StarKVAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         past_key_values: StarKVCache | None = None,
         key_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: tuple[torch.Tensor, float] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -101,6 +103,9 @@ class StarKVAttention(nn.Module):
             query = self.q_norm(query)
         query = apply_rope(query.transpose(1, 2), cos, sin)
 
+        if self.is_compressed and rope is not None:  # a decode step through the Triton kernel
+            attn_output = self._kernel_decode(hidden_states, query, attention_mask, past_key_values, rope)
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
         if self.is_compressed:
             keys, values, value_latents = self._latent_keys_values(
                 hidden_states, past_key_values, key_position_embeddings or position_embeddings
@@ -130,6 +135,41 @@ class StarKVAttention(nn.Module):
             )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def _kernel_decode(
+        self,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: StarKVCache,
+        rope: tuple[torch.Tensor, float],
+    ) -> torch.Tensor:
+        """One decode query per sequence over the cached latents, fused in Triton; returns (batch, heads, head_dim)."""
+        key_latents, value_latents = past_key_values.update_latents(
+            self.k_a_proj(hidden_states), self.v_a_proj(hidden_states), self.layer_idx
+        )
+        tokens = key_latents.shape[1]
+        valid = None
+        if attention_mask is not None:
+            mask = attention_mask[:, 0, -1, -tokens:]
+            valid = mask if mask.dtype == torch.bool else mask == 0
+        inv_freq, rope_scale = rope
+        return latent_decode_attention(
+            query[:, :, 0],
+            key_latents,
+            value_latents,
+            past_key_values.positions[:, -tokens:],
+            valid,
+            self.k_b_proj.weight,
+            self.k_b_proj.ranks,
+            self.k_b_proj.bias,
+            self.k_norm if self.config.qk_norm else None,
+            inv_freq,
+            rope_scale,
+            self.v_b_proj.weight,
+            self.v_b_proj.bias,
+            self.scaling,
+        )
 
     def _latent_keys_values(
         self,
@@ -285,10 +325,12 @@ class StarKVModel(StarKVPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        key_position_embeddings = position_embeddings
+        key_position_embeddings, rope = position_embeddings, None
         if past_key_values is not None:
             key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
-            if past_seen_tokens > 0:
+            if inputs_embeds.shape[1] == 1 and past_seen_tokens > 0 and use_decode_kernel(inputs_embeds.device):
+                rope = (self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling))
+            elif past_seen_tokens > 0:
                 key_position_embeddings = self.rotary_emb(hidden_states, position_ids=key_positions)
 
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -298,6 +340,7 @@ class StarKVModel(StarKVPreTrainedModel):
                 past_key_values=past_key_values,
                 position_embeddings=position_embeddings,
                 key_position_embeddings=key_position_embeddings,
+                rope=rope,
                 position_ids=position_ids,
                 **kwargs,
             )

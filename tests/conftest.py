@@ -1,12 +1,16 @@
 """Shared fixtures: a tiny offline tokenizer, tiny random models of every supported family, converted checkpoints."""
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set before any kernel is defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"

@@ -1,0 +1,308 @@
+"""
+Decode attention over a STAR-KV latent cache in Triton, and the plain PyTorch reference of the same math.
+
+One decode query per sequence attends over cached key latents `z_k` (per-KV-head blocks of ragged rank) and joint
+value latents `z_v`. Two passes (flash-decoding style), then a small merge in PyTorch:
+
+1. `_scores_kernel`, one program per (KV head, context split, sequence): rebuilds that head's keys from its latents
+   with its up-projection on the tensor cores (+ bias, + Qwen3's k-norm), rotates them at their cached positions
+   (RoPE from the model's `inv_freq` and attention scaling), scores all G query heads of the head together and
+   keeps the online softmax statistics (max, sum) of its split. Scores go to a (B, Hq, T) fp32 buffer.
+2. `_values_kernel`, one program per (value-rank block, context split, sequence): the softmax weights of every query
+   head at once times the shared value latents, so `z_v` is read once for all heads (the value latent is joint
+   across heads, so fusing this into pass 1 would re-read it once per KV head).
+
+The merge sums the splits and up-projects the aggregated latent once per query head (METHOD.md: values stay latent
+under the softmax). The scores buffer costs 8 bytes per token and query head against the latents' 2 * (sum of
+ranks) bytes; see benchmarks/README.md for what that means in time.
+"""
+
+import os
+
+import torch
+
+from .latent_ops import apply_rope, latent_attention, rebuild_keys
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path needs no triton
+    triton = None
+
+
+def use_decode_kernel(device: torch.device) -> bool:
+    """
+    Whether decode steps use the Triton kernel: by default on CUDA when triton is installed. The environment variable
+    STARKV_DECODE_KERNEL=triton forces it (e.g. on CPU under TRITON_INTERPRET=1), =torch forces the PyTorch path.
+    """
+    choice = os.environ.get("STARKV_DECODE_KERNEL", "auto").lower()
+    if choice == "torch":
+        return False
+    if choice == "triton":
+        if triton is None:
+            raise RuntimeError("STARKV_DECODE_KERNEL=triton but triton is not installed: pip install triton")
+        return True
+    if choice != "auto":
+        raise ValueError(f"STARKV_DECODE_KERNEL={choice!r}: use auto, triton or torch")
+    return triton is not None and device.type == "cuda"
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (batch, tokens, head_dim) at `positions`, as transformers' rotary embedding computes them."""
+    freqs = positions.float()[..., None] * inv_freq.float().to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * rope_scale).to(dtype), (emb.sin() * rope_scale).to(dtype)
+
+
+def latent_decode_reference(
+    query: torch.Tensor,
+    key_latents: torch.Tensor,
+    value_latents: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor | None,
+    k_up_weight: torch.Tensor,
+    k_ranks: list[int],
+    k_bias: torch.Tensor | None,
+    k_norm: torch.nn.Module | None,
+    inv_freq: torch.Tensor,
+    rope_scale: float,
+    v_up_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """
+    Decode attention in PyTorch (the model's own math): rebuild and rotate the keys, then attend in latent space.
+
+    Args:
+        query: (batch, num_heads, head_dim), already rotated at its position.
+        key_latents: (batch, tokens, sum(k_ranks)); value_latents: (batch, tokens, v_rank).
+        positions: (batch, tokens) int positions of the cached tokens.
+        valid: (batch, tokens) bool, False for padding; None when every token counts.
+        k_up_weight: (head_dim, sum(k_ranks)); k_bias: (num_kv_heads * head_dim) or None.
+        k_norm: per-head RMSNorm applied to rebuilt keys (Qwen3) or None.
+        inv_freq, rope_scale: the rotary embedding's inverse frequencies (head_dim / 2) and attention scaling.
+        v_up_weight: (num_kv_heads * head_dim, v_rank); v_bias: (num_kv_heads * head_dim) or None.
+        scaling: softmax scale.
+
+    Returns:
+        (batch, num_heads, head_dim)
+    """
+    cos, sin = rope_cos_sin(positions, inv_freq, rope_scale, query.dtype)
+    keys = apply_rope(rebuild_keys(key_latents, k_up_weight, k_ranks, k_bias, k_norm), cos[:, None], sin[:, None])
+    mask = None if valid is None else valid[:, None, None, :]
+    out = latent_attention(query[:, :, None], keys, value_latents, v_up_weight, v_bias, mask, scaling)
+    return out[:, 0]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _scores_kernel(
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S, M, L,
+        T, tiles_per_split, n_splits, num_heads,
+        stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh,
+        scaling, rope_scale, eps,
+        G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, RMAX: tl.constexpr, BT: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        head = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        rank = tl.load(RANKS + head)
+        offset = tl.load(OFFSETS + head)
+        r = tl.arange(0, RMAX)
+        dims = tl.arange(0, HALF)
+        g = tl.arange(0, GP)
+
+        # this head's up-projection, transposed and split into the halves RoPE pairs up: (RMAX, HALF) each
+        w_ptr = W + (offset + r)[:, None] + dims[None, :] * stride_wd
+        w_mask = r[:, None] < rank
+        w_lo = tl.load(w_ptr, mask=w_mask, other=0.0)
+        w_hi = tl.load(w_ptr + HALF * stride_wd, mask=w_mask, other=0.0)
+        q_ptr = Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + dims[None, :]
+        q_lo = tl.load(q_ptr, mask=g[:, None] < G, other=0.0)
+        q_hi = tl.load(q_ptr + HALF, mask=g[:, None] < G, other=0.0)
+        inv_freq = tl.load(INVF + dims)
+        if HAS_BIAS:
+            bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
+            bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
+        if HAS_NORM:
+            norm_lo = tl.load(NORMW + dims).to(tl.float32)
+            norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
+
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        first = split * tiles_per_split
+        for tile in range(first, first + tiles_per_split):
+            t = tile * BT + tl.arange(0, BT)
+            in_range = t < T
+            z = tl.load(
+                ZK + b * stride_zb + t[:, None] * stride_zt + (offset + r)[None, :],
+                mask=in_range[:, None] & (r[None, :] < rank),
+                other=0.0,
+            )
+            k_lo = tl.dot(z, w_lo, input_precision=PRECISION)  # (BT, HALF) fp32
+            k_hi = tl.dot(z, w_hi, input_precision=PRECISION)
+            if HAS_BIAS:
+                k_lo += bias_lo[None, :]
+                k_hi += bias_hi[None, :]
+            if HAS_NORM:
+                inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
+                k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
+                k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
+            pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0).to(tl.float32)
+            angle = pos[:, None] * inv_freq[None, :]
+            cos = tl.cos(angle) * rope_scale
+            sin = tl.sin(angle) * rope_scale
+            rot_lo = (k_lo * cos - k_hi * sin).to(q_lo.dtype)
+            rot_hi = (k_hi * cos + k_lo * sin).to(q_lo.dtype)
+            scores = tl.dot(q_lo, tl.trans(rot_lo), input_precision=PRECISION)
+            scores = tl.dot(q_hi, tl.trans(rot_hi), scores, input_precision=PRECISION) * scaling  # (GP, BT)
+            keep = in_range
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
+            scores = tl.where(keep[None, :], scores, float("-inf"))
+            tl.store(
+                S + b * stride_sb + (head * G + g)[:, None] * stride_sh + t[None, :],
+                scores,
+                mask=(g[:, None] < G) & in_range[None, :],
+            )
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(scores - m_safe[:, None]), 1)
+            m_i = m_new
+        stats = (b * num_heads + head * G + g) * n_splits + split
+        tl.store(M + stats, m_i, mask=g < G)
+        tl.store(L + stats, l_i, mask=g < G)
+
+    @triton.jit
+    def _values_kernel(
+        S, MAXES, INV_SUMS, ZV, OUT,
+        T, tiles_per_split, num_heads, v_rank,
+        stride_sb, stride_sh, stride_zb, stride_zt, stride_ob, stride_os, stride_oh,
+        HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        h = tl.arange(0, HP)
+        rv = block * RVB + tl.arange(0, RVB)
+        head_ok = h < num_heads
+        m = tl.load(MAXES + b * num_heads + h, mask=head_ok, other=0.0)
+        inv_sum = tl.load(INV_SUMS + b * num_heads + h, mask=head_ok, other=0.0)
+        acc = tl.zeros([HP, RVB], tl.float32)
+        first = split * tiles_per_split
+        for tile in range(first, first + tiles_per_split):
+            t = tile * BT + tl.arange(0, BT)
+            in_range = t < T
+            s = tl.load(
+                S + b * stride_sb + h[:, None] * stride_sh + t[None, :],
+                mask=head_ok[:, None] & in_range[None, :],
+                other=float("-inf"),
+            )
+            z = tl.load(
+                ZV + b * stride_zb + t[:, None] * stride_zt + rv[None, :],
+                mask=in_range[:, None] & (rv[None, :] < v_rank),
+                other=0.0,
+            )
+            p = tl.exp(s - m[:, None])
+            acc = tl.dot(p.to(z.dtype), z, acc)
+        out = OUT + b * stride_ob + split * stride_os + h[:, None] * stride_oh + rv[None, :]
+        tl.store(out, acc * inv_sum[:, None], mask=head_ok[:, None] & (rv[None, :] < v_rank))
+
+
+def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
+    """Scratch buffers of the kernels (fp32); tests replace this to poison them."""
+    return torch.empty(*shape, dtype=torch.float32, device=device)
+
+
+def _next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def _splits(tiles: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split) giving the launch about four programs per multiprocessor."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = max(1, min(tiles, -(-4 * sms // max(programs_per_split, 1))))
+    per_split = -(-tiles // splits)
+    return -(-tiles // per_split), per_split
+
+
+def latent_decode_attention(
+    query: torch.Tensor,
+    key_latents: torch.Tensor,
+    value_latents: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor | None,
+    k_up_weight: torch.Tensor,
+    k_ranks: list[int],
+    k_bias: torch.Tensor | None,
+    k_norm: torch.nn.Module | None,
+    inv_freq: torch.Tensor,
+    rope_scale: float,
+    v_up_weight: torch.Tensor,
+    v_bias: torch.Tensor | None,
+    scaling: float,
+    block_tokens: int = 64,
+    value_block: int = 64,
+) -> torch.Tensor:
+    """The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32."""
+    batch, num_heads, head_dim = query.shape
+    tokens = key_latents.shape[1]
+    num_kv_heads, v_rank = len(k_ranks), value_latents.shape[-1]
+    groups = num_heads // num_kv_heads
+    device = query.device
+    key_latents = key_latents if key_latents.stride(-1) == 1 else key_latents.contiguous()
+    value_latents = value_latents if value_latents.stride(-1) == 1 else value_latents.contiguous()
+    query = query.contiguous()
+    ranks = torch.tensor(k_ranks, dtype=torch.int32, device=device)
+    offsets = torch.tensor([sum(k_ranks[:j]) for j in range(num_kv_heads)], dtype=torch.int32, device=device)
+    positions = positions.to(torch.int32)
+    valid_arg = valid.to(torch.int8) if valid is not None else positions
+    norm_weight = k_norm.weight if k_norm is not None else inv_freq
+    eps = float(getattr(k_norm, "variance_epsilon", 1e-6)) if k_norm is not None else 0.0
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+
+    tiles = triton.cdiv(tokens, block_tokens)
+    n_splits, per_split = _splits(tiles, batch * num_kv_heads, device)
+    scores = _alloc(batch, num_heads, tokens, device=device)
+    maxes = _alloc(batch, num_heads, n_splits, device=device)
+    sums = _alloc(batch, num_heads, n_splits, device=device)
+    _scores_kernel[(num_kv_heads, n_splits, batch)](
+        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
+        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq.float().contiguous(), scores, maxes, sums,
+        tokens, per_split, n_splits, num_heads,
+        query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
+        valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), scores.stride(1),
+        scaling, rope_scale, eps,
+        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
+        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, PRECISION=precision,
+    )  # fmt: skip
+
+    # merge the splits' softmax statistics: global max and 1 / sum per (sequence, head)
+    top = maxes.amax(-1)
+    safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = (sums * torch.exp(maxes - safe_top[..., None])).sum(-1)
+    inv_total = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+
+    blocks = triton.cdiv(v_rank, value_block)
+    v_splits, v_per_split = _splits(tiles, batch * blocks, device)
+    partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
+    _values_kernel[(blocks, v_splits, batch)](
+        scores, safe_top.contiguous(), inv_total.contiguous(), value_latents, partial,
+        tokens, v_per_split, num_heads, v_rank,
+        scores.stride(0), scores.stride(1), value_latents.stride(0), value_latents.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        HP=_next_pow2(num_heads), RVB=value_block, BT=block_tokens,
+    )  # fmt: skip
+    aggregated = partial.sum(1).to(value_latents.dtype)  # (batch, heads, v_rank)
+    up = v_up_weight.view(num_kv_heads, head_dim, v_rank)
+    out = torch.matmul(aggregated.view(batch, num_kv_heads, groups, v_rank), up.transpose(1, 2))
+    if v_bias is not None:
+        out = out + v_bias.view(num_kv_heads, 1, head_dim)
+    return out.view(batch, num_heads, head_dim)
+
+
+__all__ = ["latent_decode_attention", "latent_decode_reference", "rope_cos_sin", "use_decode_kernel"]

@@ -1,0 +1,170 @@
+"""The Triton decode kernel against its PyTorch reference (under TRITON_INTERPRET=1 on CPU, natively on a GPU)."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from starkv_convert.remote_code import import_remote  # noqa: E402
+
+kernels = import_remote("latent_decode")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+class RMSNorm(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(dim, dtype=torch.float64) + 0.5)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * x32.to(self.weight.dtype)).to(x.dtype)
+
+
+def make_case(
+    batch,
+    tokens,
+    num_kv_heads,
+    groups,
+    head_dim,
+    k_ranks,
+    v_rank,
+    *,
+    pad=0,
+    bias=False,
+    norm=False,
+    rope_scale=1.0,
+    seed=0,
+):
+    """Random inputs in float64; the first `pad` tokens of sequence 0 are left padding."""
+    g = torch.Generator().manual_seed(seed)
+    num_heads = num_kv_heads * groups
+    f64 = dict(dtype=torch.float64, generator=g)
+    case = dict(
+        query=torch.randn(batch, num_heads, head_dim, **f64),
+        key_latents=torch.randn(batch, tokens, sum(k_ranks), **f64),
+        value_latents=torch.randn(batch, tokens, v_rank, **f64),
+        positions=torch.arange(tokens).expand(batch, -1).clone(),
+        valid=None,
+        k_up_weight=torch.randn(head_dim, sum(k_ranks), **f64) / max(k_ranks) ** 0.5,
+        k_ranks=list(k_ranks),
+        k_bias=torch.randn(num_kv_heads * head_dim, **f64) if bias else None,
+        k_norm=RMSNorm(head_dim) if norm else None,
+        inv_freq=1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)),
+        rope_scale=rope_scale,
+        v_up_weight=torch.randn(num_kv_heads * head_dim, v_rank, **f64) / v_rank**0.5,
+        v_bias=torch.randn(num_kv_heads * head_dim, **f64) if bias else None,
+        scaling=head_dim**-0.5,
+    )
+    if pad:
+        valid = torch.ones(batch, tokens, dtype=torch.bool)
+        valid[0, :pad] = False
+        case["valid"] = valid
+        case["positions"][0] = (torch.arange(tokens) - pad).clamp_min(1)  # what generate() gives padding
+    return case
+
+
+def cast(case, dtype):
+    out = {}
+    for name, value in case.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and name != "inv_freq":
+            value = value.to(dtype)
+        if isinstance(value, torch.Tensor):
+            value = value.to(DEVICE)
+        if isinstance(value, torch.nn.Module):
+            value = RMSNorm(value.weight.shape[0]).to(DEVICE)
+            value.weight.data = case["k_norm"].weight.data.to(dtype).to(DEVICE)
+        out[name] = value
+    return out
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every scratch buffer starts as NaN, so an element the kernels forget to write shows up."""
+    monkeypatch.setattr(kernels, "_alloc", lambda *shape, device: torch.full(shape, float("nan"), device=device))
+
+
+def check(case, dtype):
+    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
+    got = kernels.latent_decode_attention(**cast(case, dtype)).cpu().double()
+    assert got.shape == expected.shape
+    assert not torch.isnan(got).any()
+    error = (got - expected).norm() / expected.norm()
+    assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
+
+
+DTYPES = [torch.float32, torch.float16] + (
+    [torch.bfloat16] if DEVICE == "cuda" else []
+)  # no bf16 dot in the interpreter
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, tokens, kv_heads, groups, head_dim, k_ranks, v_rank",
+    [
+        (2, 77, 2, 4, 64, [13, 38], 45),  # GQA, ragged ranks not multiples of 16, context not a block multiple
+        (1, 200, 3, 3, 64, [7, 21, 64], 96),  # SmolLM2-like G=3, a full-rank head
+        (3, 33, 4, 1, 128, [38, 17, 5, 40], 130),  # MHA, head_dim 128
+        (1, 5, 1, 8, 64, [1], 1),  # rank 1, G=8, fewer tokens than a block
+    ],
+)
+def test_kernel_matches_reference(poisoned, dtype, batch, tokens, kv_heads, groups, head_dim, k_ranks, v_rank):
+    check(make_case(batch, tokens, kv_heads, groups, head_dim, k_ranks, v_rank), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype):
+    case = make_case(2, 90, 2, 2, 64, [20, 31], 50, pad=37, bias=True, norm=True, rope_scale=1.3, seed=3)
+    check(case, dtype)
+    # padding really is ignored: changing padded latents changes nothing
+    other = dict(case, key_latents=case["key_latents"].clone(), value_latents=case["value_latents"].clone())
+    other["key_latents"][0, :37] = 1e3
+    other["value_latents"][0, :37] = -1e3
+    a = kernels.latent_decode_attention(**cast(case, torch.float32))
+    b = kernels.latent_decode_attention(**cast(other, torch.float32))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_long_context_with_large_positions(poisoned):
+    """Positions far beyond the context (as after long generation): RoPE angles of thousands of radians."""
+    case = make_case(1, 300, 1, 4, 64, [24], 40, seed=5)
+    case["positions"] = case["positions"] + 30_000
+    check(case, torch.float32)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
+def test_model_decodes_the_same_through_the_kernel(monkeypatch, family, converted, tokenizer):
+    """generate() with the kernel forced on (interpreted on CPU) gives the PyTorch path's tokens and logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(converted(family, kv_ratio=0.5), trust_remote_code=True).eval()
+    model.to(DEVICE)
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["Short", "A longer prompt that needs no padding"], return_tensors="pt", padding=True)
+    inputs = inputs.to(DEVICE)
+    kwargs = dict(
+        max_new_tokens=12, min_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
+    results = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("STARKV_DECODE_KERNEL", choice)
+        results[choice] = model.generate(**inputs, **kwargs)
+    assert torch.equal(results["torch"].sequences, results["triton"].sequences)
+    for a, b in zip(results["torch"].scores, results["triton"].scores):
+        assert torch.equal(torch.isinf(a), torch.isinf(b))  # min_new_tokens masks EOS with -inf
+        assert (a - b)[torch.isfinite(a)].abs().max() <= 1e-3
+
+
+def test_kernel_switch(monkeypatch):
+    monkeypatch.setenv("STARKV_DECODE_KERNEL", "torch")
+    assert not kernels.use_decode_kernel(torch.device(DEVICE))
+    monkeypatch.setenv("STARKV_DECODE_KERNEL", "triton")
+    assert kernels.use_decode_kernel(torch.device("cpu"))
+    monkeypatch.setenv("STARKV_DECODE_KERNEL", "auto")
+    assert kernels.use_decode_kernel(torch.device("cpu")) is False
+    monkeypatch.setenv("STARKV_DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="use auto, triton or torch"):
+        kernels.use_decode_kernel(torch.device("cpu"))
