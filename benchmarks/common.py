@@ -1,0 +1,51 @@
+"""Helpers shared by the GPU benchmarks: environment record, timing, bandwidth, results files."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "commit": commit.stdout.strip() or "unknown (no git on the device machine)",
+    }
+
+
+def median_ms(fn, warmup: int = 25, rep: int = 200) -> float:
+    """Median time of `fn` in milliseconds (triton.testing.do_bench)."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Measured device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    n = int(gib * (1 << 30)) // 2
+    x = torch.randn(n, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x))
+    return 2 * n * 2 / (ms * 1e-3)
+
+
+def write_results(name: str, data: dict, out_dir: Path | None = None) -> Path:
+    """Writes benchmarks/results/<name>.json (and a copy under out_dir, if given)."""
+    text = json.dumps(data, indent=1)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(text)
+    if out_dir is not None:
+        (Path(out_dir) / f"{name}.json").write_text(text)
+    return path

@@ -1,0 +1,151 @@
+"""
+Decode attention on an H100: PyTorch SDPA over the full bf16 cache against the STAR-KV latent kernel, on the eight
+shapes of ../shared/ANCHORS.md (K keeps 38 of 128 per KV head, V keeps half of num_kv_heads * head_dim jointly).
+
+    python benchmarks/decode_attention.py [--out DIR]
+
+Times are medians of triton.testing.do_bench in ms; floors are the bytes that must be read once over the measured
+copy bandwidth. Inputs rotate over enough copies that the timed data never sits in L2.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, environment, median_ms, write_results  # noqa: E402
+
+from starkv_convert.remote_code import import_remote  # noqa: E402
+
+ROWS = [  # name, query heads, KV heads, batch, context
+    ("MHA 7B", 32, 32, 1, 16384),
+    ("MHA 7B", 32, 32, 1, 65536),
+    ("MHA 7B", 32, 32, 8, 16384),
+    ("MHA 7B", 32, 32, 16, 32768),
+    ("GQA 8B", 32, 8, 1, 16384),
+    ("GQA 8B", 32, 8, 1, 65536),
+    ("GQA 8B", 32, 8, 8, 16384),
+    ("GQA 8B", 32, 8, 16, 32768),
+]
+HEAD_DIM, K_RANK = 128, 38
+L2_BYTES = 50 << 20
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, min(8, -(-4 * L2_BYTES // nbytes)))
+
+
+def latent_inputs(kv_heads: int, batch: int, tokens: int, generator: torch.Generator):
+    d, dev = HEAD_DIM, "cuda"
+    k_ranks = [K_RANK] * kv_heads
+    v_rank = kv_heads * d // 2
+    bf16 = dict(device=dev, dtype=torch.bfloat16)
+    return dict(
+        key_latents=torch.randn(batch, tokens, sum(k_ranks), generator=generator, **bf16),
+        value_latents=torch.randn(batch, tokens, v_rank, generator=generator, **bf16),
+        positions=torch.arange(tokens, device=dev, dtype=torch.int32).expand(batch, -1).contiguous(),
+        valid=None,
+        k_up_weight=torch.randn(d, sum(k_ranks), generator=generator, **bf16) / K_RANK**0.5,
+        k_ranks=k_ranks,
+        k_bias=None,
+        k_norm=None,
+        inv_freq=1.0 / (500000 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d)),
+        rope_scale=1.0,
+        v_up_weight=torch.randn(kv_heads * d, v_rank, generator=generator, **bf16) / v_rank**0.5,
+        v_bias=None,
+        scaling=d**-0.5,
+    )
+
+
+def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    d = HEAD_DIM
+    full_bytes = 2 * batch * kv_heads * tokens * d * 2
+    latent_values = kv_heads * K_RANK + kv_heads * d // 2
+    latent_bytes = batch * tokens * latent_values * 2
+
+    query = torch.randn(batch, heads, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    caches = [
+        (torch.randn(batch, kv_heads, tokens, d, generator=g, device="cuda", dtype=torch.bfloat16),
+         torch.randn(batch, kv_heads, tokens, d, generator=g, device="cuda", dtype=torch.bfloat16))
+        for _ in range(copies_for(full_bytes))
+    ]  # fmt: skip
+    state = {"i": 0}
+
+    def sdpa():
+        k, v = caches[state["i"] % len(caches)]
+        state["i"] += 1
+        return F.scaled_dot_product_attention(query[:, :, None], k, v, enable_gqa=kv_heads != heads)
+
+    sdpa_ms = median_ms(sdpa)
+    caches.clear()
+    torch.cuda.empty_cache()
+
+    latents = [latent_inputs(kv_heads, batch, tokens, g) for _ in range(copies_for(latent_bytes))]
+
+    def ours():
+        inputs = latents[state["i"] % len(latents)]
+        state["i"] += 1
+        return kernels.latent_decode_attention(query, **inputs)
+
+    ours_ms = median_ms(ours)
+
+    # accuracy on this row's inputs (first two sequences) against the fp32 PyTorch reference
+    sample = dict(latents[0])
+    for key in ("key_latents", "value_latents", "positions"):
+        sample[key] = sample[key][:2]
+    got = kernels.latent_decode_attention(query[:2], **sample).float()
+    as_fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in sample.items()}
+    expected = kernels.latent_decode_reference(query[:2].float(), **as_fp32)
+    rel_error = ((got - expected).norm() / expected.norm()).item()
+    latents.clear()
+    torch.cuda.empty_cache()
+
+    floors = {
+        "full_cache": full_bytes / bandwidth * 1e3,
+        "latent_bf16": latent_bytes / bandwidth * 1e3,
+        "latent_4bit": latent_bytes / 4 / bandwidth * 1e3,
+    }
+    return {
+        "shape": name,
+        "heads": heads,
+        "kv_heads": kv_heads,
+        "batch": batch,
+        "context": tokens,
+        "k_ranks": K_RANK,
+        "v_rank": kv_heads * d // 2,
+        "sdpa_ms": sdpa_ms,
+        "starkv_ms": ours_ms,
+        "speedup": sdpa_ms / ours_ms,
+        "floor_ms": floors,
+        "starkv_over_latent_floor": ours_ms / floors["latent_bf16"],
+        "achieved_bandwidth_TBps": latent_bytes / (ours_ms * 1e-3) / 1e12,
+        "rel_error_vs_fp32_reference": rel_error,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--rows", type=int, nargs="*", help="indices of ROWS to run (default: all)")
+    args = p.parse_args()
+    kernels = import_remote("latent_decode")
+    bandwidth = copy_bandwidth()
+    rows = [run_row(kernels, *ROWS[i], bandwidth) for i in (args.rows or range(len(ROWS)))]
+    result = {"benchmark": "decode_attention", **environment(), "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
+    path = write_results("decode_attention", result, args.out)
+    print(f"wrote {path}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"{'shape':8s} {'B':>3s} {'ctx':>6s} {'SDPA':>7s} {'STAR-KV':>8s} {'speedup':>8s} {'floor':>7s} "
+          f"{'x floor':>8s} {'TB/s':>5s} {'rel err':>8s}")  # fmt: skip
+    for r in rows:
+        print(f"{r['shape']:8s} {r['batch']:3d} {r['context'] // 1024:5d}K {r['sdpa_ms']:7.3f} {r['starkv_ms']:8.3f} "
+              f"{r['speedup']:7.2f}x {r['floor_ms']['latent_bf16']:7.3f} {r['starkv_over_latent_floor']:7.2f}x "
+              f"{r['achieved_bandwidth_TBps']:5.2f} {r['rel_error_vs_fp32_reference']:8.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
