@@ -153,7 +153,9 @@ if triton is not None:
                 k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
                 k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
             pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0).to(tl.float32)
-            angle = pos[:, None] * inv_freq[None, :]
+            angle = pos[:, None] * inv_freq[None, :]  # rounded to fp32 exactly as transformers does
+            turns = tl.floor(angle * 0.15915494309189535 + 0.5)  # reduce to [-pi, pi]: sin/cos may be approximate
+            angle = tl.fma(turns, -6.2831854820251465, angle) + turns * 1.7484556e-07  # 2 pi, in two parts
             cos = tl.cos(angle) * rope_scale
             sin = tl.sin(angle) * rope_scale
             rot_lo = (k_lo * cos - k_hi * sin).to(q_lo.dtype)
@@ -213,6 +215,17 @@ if triton is not None:
         tl.store(out, acc * inv_sum[:, None], mask=head_ok[:, None] & (rv[None, :] < v_rank))
 
 
+DEFAULT_CONFIG = {
+    "block_tokens": 64,  # cached tokens per tile (both kernels)
+    "value_block": 64,  # value-latent columns per program of the values kernel
+    "programs_per_sm": 4,  # context splits are chosen to launch about this many programs per multiprocessor
+    "scores_warps": 4,
+    "scores_stages": 2,
+    "values_warps": 4,
+    "values_stages": 2,
+}
+
+
 def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
     """Scratch buffers of the kernels (fp32); tests replace this to poison them."""
     return torch.empty(*shape, dtype=torch.float32, device=device)
@@ -222,10 +235,10 @@ def _next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-def _splits(tiles: int, programs_per_split: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles per split) giving the launch about four programs per multiprocessor."""
+def _splits(tiles: int, programs_per_split: int, device: torch.device, per_sm: int) -> tuple[int, int]:
+    """(splits, tiles per split) giving the launch about `per_sm` programs per multiprocessor."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(tiles, -(-4 * sms // max(programs_per_split, 1))))
+    splits = max(1, min(tiles, -(-per_sm * sms // max(programs_per_split, 1))))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
 
@@ -245,10 +258,14 @@ def latent_decode_attention(
     v_up_weight: torch.Tensor,
     v_bias: torch.Tensor | None,
     scaling: float,
-    block_tokens: int = 64,
-    value_block: int = 64,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32."""
+    """
+    The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32. `config`
+    overrides the launch settings of `DEFAULT_CONFIG`.
+    """
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    block_tokens, value_block = cfg["block_tokens"], cfg["value_block"]
     batch, num_heads, head_dim = query.shape
     tokens = key_latents.shape[1]
     num_kv_heads, v_rank = len(k_ranks), value_latents.shape[-1]
@@ -266,7 +283,7 @@ def latent_decode_attention(
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
 
     tiles = triton.cdiv(tokens, block_tokens)
-    n_splits, per_split = _splits(tiles, batch * num_kv_heads, device)
+    n_splits, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["programs_per_sm"])
     scores = _alloc(batch, num_heads, tokens, device=device)
     maxes = _alloc(batch, num_heads, n_splits, device=device)
     sums = _alloc(batch, num_heads, n_splits, device=device)
@@ -279,6 +296,7 @@ def latent_decode_attention(
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, PRECISION=precision,
+        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
     )  # fmt: skip
 
     # merge the splits' softmax statistics: global max and 1 / sum per (sequence, head)
@@ -288,7 +306,7 @@ def latent_decode_attention(
     inv_total = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
 
     blocks = triton.cdiv(v_rank, value_block)
-    v_splits, v_per_split = _splits(tiles, batch * blocks, device)
+    v_splits, v_per_split = _splits(tiles, batch * blocks, device, cfg["programs_per_sm"])
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     _values_kernel[(blocks, v_splits, batch)](
         scores, safe_top.contiguous(), inv_total.contiguous(), value_latents, partial,
@@ -296,6 +314,7 @@ def latent_decode_attention(
         scores.stride(0), scores.stride(1), value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2),
         HP=_next_pow2(num_heads), RVB=value_block, BT=block_tokens,
+        num_warps=cfg["values_warps"], num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = partial.sum(1).to(value_latents.dtype)  # (batch, heads, v_rank)
     up = v_up_weight.view(num_kv_heads, head_dim, v_rank)
