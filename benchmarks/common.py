@@ -31,6 +31,34 @@ def median_ms(fn, warmup: int = 25, rep: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def rotating_ms(calls: list, graphs: bool) -> float:
+    """
+    Median ms of one call, cycling through `calls` (closures over different inputs, so that nothing stays in L2).
+    With `graphs`, each call is captured once in a CUDA graph and the replays are timed (no launch overhead).
+    """
+    if graphs:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for call in calls:
+                call()
+        torch.cuda.current_stream().wait_stream(stream)
+        captured = []
+        for call in calls:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                call()
+            captured.append(graph)
+        calls = [graph.replay for graph in captured]
+    state = {"i": 0}
+
+    def step():
+        calls[state["i"] % len(calls)]()
+        state["i"] += 1
+
+    return median_ms(step)
+
+
 def copy_bandwidth(gib: float = 2.0) -> float:
     """Measured device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     n = int(gib * (1 << 30)) // 2

@@ -40,7 +40,7 @@ def main() -> None:
     sweep = {
         "block_tokens": [32, 64, 128],
         "scores_warps": [4, 8],
-        "values_warps": [4, 8],
+        "values_warps": [4],
         "value_block": [64, 128],
     }
     for index in (4, 7, 3):

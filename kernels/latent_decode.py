@@ -2,19 +2,22 @@
 Decode attention over a STAR-KV latent cache in Triton, and the plain PyTorch reference of the same math.
 
 One decode query per sequence attends over cached key latents `z_k` (per-KV-head blocks of ragged rank) and joint
-value latents `z_v`. Two passes (flash-decoding style), then a small merge in PyTorch:
+value latents `z_v`, flash-decoding style (the context is split over programs, then merged):
 
 1. `_scores_kernel`, one program per (KV head, context split, sequence): rebuilds that head's keys from its latents
    with its up-projection on the tensor cores (+ bias, + Qwen3's k-norm), rotates them at their cached positions
-   (RoPE from the model's `inv_freq` and attention scaling), scores all G query heads of the head together and
-   keeps the online softmax statistics (max, sum) of its split. Scores go to a (B, Hq, T) fp32 buffer.
-2. `_values_kernel`, one program per (value-rank block, context split, sequence): the softmax weights of every query
-   head at once times the shared value latents, so `z_v` is read once for all heads (the value latent is joint
-   across heads, so fusing this into pass 1 would re-read it once per KV head).
+   (RoPE from the model's `inv_freq` and attention scaling) and scores all G query heads of the head together: one
+   rebuild per KV head, never per query head. Scores go to a (B, Hq, T) fp32 buffer.
+2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
+   of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads. (The
+   value latent is joint across heads: fused into pass 1 it would be read again for every KV head.)
+3. `_merge_kernel` combines the splits; the aggregated latent is up-projected once per query head (METHOD.md: values
+   stay latent under the softmax).
 
-The merge sums the splits and up-projects the aggregated latent once per query head (METHOD.md: values stay latent
-under the softmax). The scores buffer costs 8 bytes per token and query head against the latents' 2 * (sum of
-ranks) bytes; see benchmarks/README.md for what that means in time.
+RoPE: the angles of consecutive positions are built by angle addition from one exactly reduced angle per tile
+(cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a tile
+whose positions are not consecutive, and every fp32 call, takes the exact path (each angle reduced and evaluated).
+The scores buffer adds 8 bytes per token and query head to the bytes read; benchmarks/README.md has the numbers.
 """
 
 import os
@@ -99,13 +102,21 @@ def latent_decode_reference(
 if triton is not None:
 
     @triton.jit
+    def _reduced_cos_sin(angle):
+        """cos and sin of fp32 angles of any size: reduced to [-pi, pi] first (fast sin/cos are accurate there)."""
+        turns = tl.floor(angle * 0.15915494309189535 + 0.5)
+        angle = tl.fma(turns, -6.2831854820251465, angle) + turns * 1.7484556e-07  # 2 pi, in two parts
+        return tl.cos(angle), tl.sin(angle)
+
+    @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S, M, L,
-        T, tiles_per_split, n_splits, num_heads,
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S,
+        T, tiles_per_split,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, RMAX: tl.constexpr, BT: tl.constexpr,
-        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         head = tl.program_id(0)
         split = tl.program_id(1)
@@ -115,16 +126,19 @@ if triton is not None:
         r = tl.arange(0, RMAX)
         dims = tl.arange(0, HALF)
         g = tl.arange(0, GP)
+        i = tl.arange(0, BT)
 
         # this head's up-projection, transposed and split into the halves RoPE pairs up: (RMAX, HALF) each
         w_ptr = W + (offset + r)[:, None] + dims[None, :] * stride_wd
-        w_mask = r[:, None] < rank
-        w_lo = tl.load(w_ptr, mask=w_mask, other=0.0)
-        w_hi = tl.load(w_ptr + HALF * stride_wd, mask=w_mask, other=0.0)
-        q_ptr = Q + b * stride_qb + (head * G + g)[:, None] * stride_qh + dims[None, :]
-        q_lo = tl.load(q_ptr, mask=g[:, None] < G, other=0.0)
-        q_hi = tl.load(q_ptr + HALF, mask=g[:, None] < G, other=0.0)
+        w_lo = tl.load(w_ptr, mask=r[:, None] < rank, other=0.0)
+        w_hi = tl.load(w_ptr + HALF * stride_wd, mask=r[:, None] < rank, other=0.0)
+        # the G query heads of this KV head, transposed: (HALF, GP)
+        q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
+        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)
+        q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
         inv_freq = tl.load(INVF + dims)
+        if not EXACT_ROPE:
+            step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
         if HAS_BIAS:
             bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
             bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
@@ -132,12 +146,13 @@ if triton is not None:
             norm_lo = tl.load(NORMW + dims).to(tl.float32)
             norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
-            t = tile * BT + tl.arange(0, BT)
+            t = tile * BT + i
             in_range = t < T
+            keep = in_range
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             z = tl.load(
                 ZK + b * stride_zb + t[:, None] * stride_zt + (offset + r)[None, :],
                 mask=in_range[:, None] & (r[None, :] < rank),
@@ -152,38 +167,39 @@ if triton is not None:
                 inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
                 k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
                 k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
-            pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0).to(tl.float32)
-            angle = pos[:, None] * inv_freq[None, :]  # rounded to fp32 exactly as transformers does
-            turns = tl.floor(angle * 0.15915494309189535 + 0.5)  # reduce to [-pi, pi]: sin/cos may be approximate
-            angle = tl.fma(turns, -6.2831854820251465, angle) + turns * 1.7484556e-07  # 2 pi, in two parts
-            cos = tl.cos(angle) * rope_scale
-            sin = tl.sin(angle) * rope_scale
+
+            pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
+            if EXACT_ROPE:
+                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+            else:
+                # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last token
+                last = tl.minimum(tile * BT + BT - 1, T - 1)
+                start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
+                consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
+                if consecutive:
+                    base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
+                    cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
+                    sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
+                else:
+                    cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+            cos = cos * rope_scale
+            sin = sin * rope_scale
             rot_lo = (k_lo * cos - k_hi * sin).to(q_lo.dtype)
             rot_hi = (k_hi * cos + k_lo * sin).to(q_lo.dtype)
-            scores = tl.dot(q_lo, tl.trans(rot_lo), input_precision=PRECISION)
-            scores = tl.dot(q_hi, tl.trans(rot_hi), scores, input_precision=PRECISION) * scaling  # (GP, BT)
-            keep = in_range
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-            scores = tl.where(keep[None, :], scores, float("-inf"))
+            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+            scores = tl.where(keep[:, None], scores, float("-inf"))
             tl.store(
-                S + b * stride_sb + (head * G + g)[:, None] * stride_sh + t[None, :],
+                S + b * stride_sb + (head * G + g)[None, :] * stride_sh + t[:, None],
                 scores,
-                mask=(g[:, None] < G) & in_range[None, :],
+                mask=in_range[:, None] & (g[None, :] < G),
             )
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(scores - m_safe[:, None]), 1)
-            m_i = m_new
-        stats = (b * num_heads + head * G + g) * n_splits + split
-        tl.store(M + stats, m_i, mask=g < G)
-        tl.store(L + stats, l_i, mask=g < G)
 
     @triton.jit
     def _values_kernel(
-        S, MAXES, INV_SUMS, ZV, OUT,
+        S, ZV, ACC, MAX, SUM,
         T, tiles_per_split, num_heads, v_rank,
-        stride_sb, stride_sh, stride_zb, stride_zt, stride_ob, stride_os, stride_oh,
+        stride_sb, stride_sh, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
@@ -192,8 +208,8 @@ if triton is not None:
         h = tl.arange(0, HP)
         rv = block * RVB + tl.arange(0, RVB)
         head_ok = h < num_heads
-        m = tl.load(MAXES + b * num_heads + h, mask=head_ok, other=0.0)
-        inv_sum = tl.load(INV_SUMS + b * num_heads + h, mask=head_ok, other=0.0)
+        m_i = tl.full([HP], float("-inf"), tl.float32)
+        l_i = tl.zeros([HP], tl.float32)
         acc = tl.zeros([HP, RVB], tl.float32)
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
@@ -209,15 +225,54 @@ if triton is not None:
                 mask=in_range[:, None] & (rv[None, :] < v_rank),
                 other=0.0,
             )
-            p = tl.exp(s - m[:, None])
-            acc = tl.dot(p.to(z.dtype), z, acc)
-        out = OUT + b * stride_ob + split * stride_os + h[:, None] * stride_oh + rv[None, :]
-        tl.store(out, acc * inv_sum[:, None], mask=head_ok[:, None] & (rv[None, :] < v_rank))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None])
+            m_i = m_new
+        tl.store(
+            ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :],
+            acc,
+            mask=head_ok[:, None] & (rv[None, :] < v_rank),
+        )
+        if block == 0:
+            tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
+            tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        ACC, MAX, SUM, OUT,
+        n_splits, num_heads, v_rank,
+        stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
+        HP: tl.constexpr, RVB: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        h = tl.arange(0, HP)
+        rv = block * RVB + tl.arange(0, RVB)
+        mask = (h[:, None] < num_heads) & (rv[None, :] < v_rank)
+        m_i = tl.full([HP], float("-inf"), tl.float32)
+        l_i = tl.zeros([HP], tl.float32)
+        acc = tl.zeros([HP, RVB], tl.float32)
+        for split in range(n_splits):
+            m = tl.load(MAX + b * stride_mb + split * stride_ms + h, mask=h < num_heads, other=float("-inf"))
+            l_s = tl.load(SUM + b * stride_mb + split * stride_ms + h, mask=h < num_heads, other=0.0)
+            a = tl.load(ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :], mask=mask)
+            m_new = tl.maximum(m_i, m)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            old, new = tl.exp(m_i - m_safe), tl.exp(m - m_safe)
+            l_i = l_i * old + l_s * new
+            acc = acc * old[:, None] + tl.where(mask, a, 0.0) * new[:, None]
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(OUT + b * stride_ob + h[:, None] * stride_oh + rv[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
 DEFAULT_CONFIG = {
-    "block_tokens": 64,  # cached tokens per tile (both kernels)
-    "value_block": 64,  # value-latent columns per program of the values kernel
+    "block_tokens": 64,  # cached tokens per tile (both passes)
+    "value_block": 64,  # value-latent columns per program of the values pass
     "programs_per_sm": 4,  # context splits are chosen to launch about this many programs per multiprocessor
     "scores_warps": 4,
     "scores_stages": 2,
@@ -243,6 +298,21 @@ def _splits(tiles: int, programs_per_split: int, device: torch.device, per_sm: i
     return -(-tiles // per_split), per_split
 
 
+_RANK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rank_tables(ranks: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranks, column offsets) of the KV heads as int32 device tensors, made once per layout and device."""
+    key = (tuple(ranks), str(device))
+    if key not in _RANK_TABLES:
+        offsets = [sum(ranks[:j]) for j in range(len(ranks))]
+        _RANK_TABLES[key] = (
+            torch.tensor(ranks, dtype=torch.int32, device=device),
+            torch.tensor(offsets, dtype=torch.int32, device=device),
+        )
+    return _RANK_TABLES[key]
+
+
 def latent_decode_attention(
     query: torch.Tensor,
     key_latents: torch.Tensor,
@@ -264,7 +334,7 @@ def latent_decode_attention(
     The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32. `config`
     overrides the launch settings of `DEFAULT_CONFIG`.
     """
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = {**DEFAULT_CONFIG, **(config or {})} if config else DEFAULT_CONFIG
     block_tokens, value_block = cfg["block_tokens"], cfg["value_block"]
     batch, num_heads, head_dim = query.shape
     tokens = key_latents.shape[1]
@@ -274,49 +344,51 @@ def latent_decode_attention(
     key_latents = key_latents if key_latents.stride(-1) == 1 else key_latents.contiguous()
     value_latents = value_latents if value_latents.stride(-1) == 1 else value_latents.contiguous()
     query = query.contiguous()
-    ranks = torch.tensor(k_ranks, dtype=torch.int32, device=device)
-    offsets = torch.tensor([sum(k_ranks[:j]) for j in range(num_kv_heads)], dtype=torch.int32, device=device)
-    positions = positions.to(torch.int32)
-    valid_arg = valid.to(torch.int8) if valid is not None else positions
+    ranks, offsets = _rank_tables(k_ranks, device)
+    positions = positions if positions.dtype == torch.int32 else positions.to(torch.int32)
+    valid_arg = valid.view(torch.int8) if valid is not None else positions
+    inv_freq = inv_freq if inv_freq.dtype == torch.float32 else inv_freq.float()
     norm_weight = k_norm.weight if k_norm is not None else inv_freq
     eps = float(getattr(k_norm, "variance_epsilon", 1e-6)) if k_norm is not None else 0.0
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    exact = query.dtype == torch.float32
 
     tiles = triton.cdiv(tokens, block_tokens)
-    n_splits, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["programs_per_sm"])
+    _, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["programs_per_sm"])
     scores = _alloc(batch, num_heads, tokens, device=device)
-    maxes = _alloc(batch, num_heads, n_splits, device=device)
-    sums = _alloc(batch, num_heads, n_splits, device=device)
-    _scores_kernel[(num_kv_heads, n_splits, batch)](
+    _scores_kernel[(num_kv_heads, triton.cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
-        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq.float().contiguous(), scores, maxes, sums,
-        tokens, per_split, n_splits, num_heads,
+        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores,
+        tokens, per_split,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), scores.stride(1),
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
-        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, PRECISION=precision,
-        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
+        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
+        PRECISION="ieee" if exact else "tf32", num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
     )  # fmt: skip
-
-    # merge the splits' softmax statistics: global max and 1 / sum per (sequence, head)
-    top = maxes.amax(-1)
-    safe_top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    total = (sums * torch.exp(maxes - safe_top[..., None])).sum(-1)
-    inv_total = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
 
     blocks = triton.cdiv(v_rank, value_block)
     v_splits, v_per_split = _splits(tiles, batch * blocks, device, cfg["programs_per_sm"])
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
+    maxes = _alloc(batch, v_splits, num_heads, device=device)
+    sums = _alloc(batch, v_splits, num_heads, device=device)
+    heads_p2 = _next_pow2(num_heads)
     _values_kernel[(blocks, v_splits, batch)](
-        scores, safe_top.contiguous(), inv_total.contiguous(), value_latents, partial,
+        scores, value_latents, partial, maxes, sums,
         tokens, v_per_split, num_heads, v_rank,
         scores.stride(0), scores.stride(1), value_latents.stride(0), value_latents.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        HP=_next_pow2(num_heads), RVB=value_block, BT=block_tokens,
+        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+        HP=heads_p2, RVB=value_block, BT=block_tokens,
         num_warps=cfg["values_warps"], num_stages=cfg["values_stages"],
     )  # fmt: skip
-    aggregated = partial.sum(1).to(value_latents.dtype)  # (batch, heads, v_rank)
+    aggregated = torch.empty(batch, num_heads, v_rank, dtype=value_latents.dtype, device=device)
+    _merge_kernel[(blocks, batch)](
+        partial, maxes, sums, aggregated,
+        v_splits, num_heads, v_rank,
+        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+        aggregated.stride(0), aggregated.stride(1),
+        HP=heads_p2, RVB=value_block,
+    )  # fmt: skip
     up = v_up_weight.view(num_kv_heads, head_dim, v_rank)
     out = torch.matmul(aggregated.view(batch, num_kv_heads, groups, v_rank), up.transpose(1, 2))
     if v_bias is not None:

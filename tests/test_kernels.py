@@ -128,11 +128,22 @@ def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_long_context_with_large_positions(poisoned):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_context_with_large_positions(poisoned, dtype):
     """Positions far beyond the context (as after long generation): RoPE angles of thousands of radians."""
     case = make_case(1, 300, 1, 4, 64, [24], 40, seed=5)
     case["positions"] = case["positions"] + 30_000
-    check(case, torch.float32)
+    check(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_positions_that_are_not_consecutive(poisoned, dtype):
+    """Packed or custom positions: tiles whose positions are not consecutive take the exact RoPE path."""
+    case = make_case(2, 150, 2, 2, 64, [16, 30], 33, seed=7)
+    g = torch.Generator().manual_seed(8)
+    case["positions"] = torch.randint(0, 5000, (2, 150), generator=g)
+    case["positions"][1, :70] = torch.arange(70) + 900  # one sequence partly consecutive
+    check(case, dtype)
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
