@@ -5,14 +5,12 @@ ANCHORS shapes. A development tool; decode_attention.py records the results that
     python benchmarks/profile_decode.py
 """
 
-import itertools
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_ms  # noqa: E402
 from decode_attention import ROWS, latent_inputs  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
@@ -35,39 +33,40 @@ def profile(query, inputs, config) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+VARIANTS = {
+    "default": {},
+    "token-major scores": {"token_major_scores": True},
+    "probe: no RoPE": {"probe": 1},
+    "probe: no score stores": {"probe": 2},
+    "BT 32": {"block_tokens": 32},
+    "BT 128, 8 warps": {"block_tokens": 128, "scores_warps": 8},
+    "8 warps": {"scores_warps": 8},
+    "3 stages": {"scores_stages": 3},
+    "1 stage": {"scores_stages": 1},
+    "2 programs/SM": {"programs_per_sm": 2},
+    "8 programs/SM": {"programs_per_sm": 8},
+    "values block 128": {"value_block": 128},
+    "values 8 warps": {"values_warps": 8},
+}
+
+
 def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
-    sweep = {
-        "block_tokens": [32, 64, 128],
-        "scores_warps": [4, 8],
-        "values_warps": [4],
-        "value_block": [64, 128],
-    }
-    for index in (4, 7, 3):
+    for index in (7, 3, 4):
         name, heads, kv_heads, batch, tokens = ROWS[index]
         inputs = latent_inputs(kv_heads, batch, tokens, g)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
-        print(f"\n== {name} B={batch} T={tokens}: kernel times with the default config (ms)")
-        for kernel, ms in profile(query, inputs, None):
-            print(f"  {ms:8.3f}  {kernel}")
-        results = []
-        for values in itertools.product(*sweep.values()):
-            config = dict(zip(sweep, values))
+        print(f"\n== {name} B={batch} T={tokens}: ms per call (total of all kernels | scores | values | merge)")
+        for label, config in VARIANTS.items():
             try:
-                ms = median_ms(
-                    lambda q=query, i=inputs, c=config: kernels.latent_decode_attention(q, **i, config=c), rep=50
-                )
-            except Exception as e:  # e.g. out of shared memory for a large tile
-                print(f"  {config}: failed ({type(e).__name__}: {str(e)[:80]})")
+                times = dict((k.strip(), ms) for k, ms in profile(query, inputs, config))
+            except Exception as e:  # e.g. out of resources for a large tile
+                print(f"  {label:24s} failed: {type(e).__name__}: {str(e)[:100]}")
                 continue
-            results.append((ms, config))
-        results.sort(key=lambda r: r[0])
-        for ms, config in results[:6]:
-            print(f"  {ms:8.3f} ms  {config}")
-        best = results[0][1]
-        print("  best config kernel times:")
-        for kernel, ms in profile(query, inputs, best):
-            print(f"  {ms:8.3f}  {kernel}")
+            print(
+                f"  {label:24s} {sum(times.values()):7.3f} | {times.get('_scores_kernel', 0):7.3f} | "
+                f"{times.get('_values_kernel', 0):7.3f} | {times.get('_merge_kernel', 0):7.3f}"
+            )
         inputs = None
         torch.cuda.empty_cache()
 

@@ -112,11 +112,11 @@ if triton is not None:
     def _scores_kernel(
         Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S,
         T, tiles_per_split,
-        stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh,
+        stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, RMAX: tl.constexpr, BT: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PROBE: tl.constexpr = 0,
     ):  # fmt: skip
         head = tl.program_id(0)
         split = tl.program_id(1)
@@ -146,6 +146,7 @@ if triton is not None:
             norm_lo = tl.load(NORMW + dims).to(tl.float32)
             norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
+        checksum = 0.0
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
@@ -169,7 +170,10 @@ if triton is not None:
                 k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
 
             pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-            if EXACT_ROPE:
+            if PROBE == 1:  # profiling only: no rotation
+                cos = tl.full([BT, HALF], 1.0, tl.float32)
+                sin = tl.zeros([BT, HALF], tl.float32)
+            elif EXACT_ROPE:
                 cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
             else:
                 # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last token
@@ -189,18 +193,23 @@ if triton is not None:
             scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
             scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
             scores = tl.where(keep[:, None], scores, float("-inf"))
-            tl.store(
-                S + b * stride_sb + (head * G + g)[None, :] * stride_sh + t[:, None],
-                scores,
-                mask=in_range[:, None] & (g[None, :] < G),
-            )
+            if PROBE == 2:  # profiling only: keep one number per program instead of storing the scores
+                checksum += tl.sum(tl.sum(tl.where(in_range[:, None], scores, 0.0), 1), 0)
+            else:
+                tl.store(
+                    S + b * stride_sb + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
+                    scores,
+                    mask=in_range[:, None] & (g[None, :] < G),
+                )
+        if PROBE == 2:
+            tl.store(S + b * stride_sb + head * G * stride_sh + split * stride_st, checksum)
 
     @triton.jit
     def _values_kernel(
         S, ZV, ACC, MAX, SUM,
         T, tiles_per_split, num_heads, v_rank,
-        stride_sb, stride_sh, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
-        HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr,
+        stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
+        HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -216,7 +225,7 @@ if triton is not None:
             t = tile * BT + tl.arange(0, BT)
             in_range = t < T
             s = tl.load(
-                S + b * stride_sb + h[:, None] * stride_sh + t[None, :],
+                S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st,
                 mask=head_ok[:, None] & in_range[None, :],
                 other=float("-inf"),
             )
@@ -230,7 +239,7 @@ if triton is not None:
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None])
+            acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None], input_precision=PRECISION)
             m_i = m_new
         tl.store(
             ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :],
@@ -278,6 +287,8 @@ DEFAULT_CONFIG = {
     "scores_stages": 2,
     "values_warps": 4,
     "values_stages": 2,
+    "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
+    "probe": 0,  # profiling only: 1 skips RoPE, 2 skips writing the scores (results are then wrong)
 }
 
 
@@ -354,17 +365,23 @@ def latent_decode_attention(
 
     tiles = triton.cdiv(tokens, block_tokens)
     _, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["programs_per_sm"])
-    scores = _alloc(batch, num_heads, tokens, device=device)
+    if cfg["token_major_scores"]:
+        scores = _alloc(batch, tokens, num_heads, device=device)
+        stride_sh, stride_st = scores.stride(2), scores.stride(1)
+    else:
+        scores = _alloc(batch, num_heads, tokens, device=device)
+        stride_sh, stride_st = scores.stride(1), scores.stride(2)
     _scores_kernel[(num_kv_heads, triton.cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores,
         tokens, per_split,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
-        valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), scores.stride(1),
+        valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
-        PRECISION="ieee" if exact else "tf32", num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
+        PRECISION="ieee" if exact else "tf32", PROBE=cfg["probe"],
+        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
     )  # fmt: skip
 
     blocks = triton.cdiv(v_rank, value_block)
@@ -376,9 +393,9 @@ def latent_decode_attention(
     _values_kernel[(blocks, v_splits, batch)](
         scores, value_latents, partial, maxes, sums,
         tokens, v_per_split, num_heads, v_rank,
-        scores.stride(0), scores.stride(1), value_latents.stride(0), value_latents.stride(1),
+        scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        HP=heads_p2, RVB=value_block, BT=block_tokens,
+        HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION="ieee" if exact else "tf32",
         num_warps=cfg["values_warps"], num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=value_latents.dtype, device=device)
