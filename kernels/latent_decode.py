@@ -284,7 +284,7 @@ DEFAULT_CONFIG = {
     "value_block": 64,  # value-latent columns per program of the values pass
     "programs_per_sm": 4,  # context splits are chosen to launch about this many programs per multiprocessor
     "scores_warps": 4,
-    "scores_stages": 2,
+    "scores_stages": 1,
     "values_warps": 4,
     "values_stages": 2,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)

@@ -1,0 +1,215 @@
+"""
+End-to-end decode on an H100: a Llama-3.1-8B-shaped model (random bf16 weights) against its STAR-KV version with
+K keeping 30% (38 of 128 per KV head) and V 50% (512 of 1024) of the cache, both with transformers' dynamic caches.
+
+    python benchmarks/generate.py [--context 32768] [--batch 16] [--steps 16]
+    python benchmarks/generate.py --check-greedy CHECKPOINT   # kernel vs PyTorch path, 64 greedy tokens
+
+Caches are filled with random values of the right shapes instead of running a prefill: prefill memory is the subject
+of the chunked-prefill issue, this measures decode. Largest batch: the largest batch whose cache at --context plus
+two decode steps fit on the card (bisection on out-of-memory errors).
+"""
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_results  # noqa: E402
+
+from starkv_convert.build import starkv_config  # noqa: E402
+from starkv_convert.ranks import RankPlan  # noqa: E402
+from starkv_convert.remote_code import import_remote  # noqa: E402
+
+LLAMA_31_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)  # fmt: skip
+K_RANK, V_RANK = 38, 512
+
+
+def stock_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA_31_8B)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        return LlamaForCausalLM(config).eval()
+
+
+def starkv_model():
+    from transformers import LlamaConfig
+
+    layers = LLAMA_31_8B["num_hidden_layers"]
+    plan = RankPlan(k=[[K_RANK] * 8 for _ in range(layers)], v=[V_RANK] * layers)
+    config = starkv_config(LlamaConfig(**LLAMA_31_8B), plan, torch.bfloat16)
+    model_class = import_remote("modeling_starkv").StarKVForCausalLM
+    with torch.device("cuda"):
+        return model_class(config).eval()
+
+
+def filled_cache(model, batch: int, tokens: int):
+    """A cache of `tokens` random entries per sequence, as the model's generate() would hold after a prefill."""
+    config = model.config
+    g = torch.Generator(device="cuda").manual_seed(0)
+    if config.model_type == "starkv":
+        cache = import_remote("cache_starkv").StarKVCache(config)
+        for i in range(config.num_hidden_layers):
+            zk = torch.randn(batch, tokens, sum(config.kv_k_ranks[i]), device="cuda", dtype=torch.bfloat16, generator=g)
+            zv = torch.randn(batch, tokens, config.kv_v_ranks[i], device="cuda", dtype=torch.bfloat16, generator=g)
+            cache.update_latents(zk, zv, i)
+        cache.update_positions(torch.arange(tokens, device="cuda")[None], batch)
+        return cache
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
+    for i in range(config.num_hidden_layers):
+        k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+        cache.update(k, torch.randn_like(k), i)
+    return cache
+
+
+@torch.no_grad()
+def decode_steps(model, cache, batch: int, tokens: int, steps: int) -> float:
+    """Seconds per greedy decode step (the mean over `steps` after two warm-up steps)."""
+    token = torch.randint(0, 1000, (batch, 1), device="cuda")
+    elapsed = 0.0
+    for step in range(steps + 2):
+        position = torch.full((batch, 1), tokens + step, device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True).logits
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        if step >= 2:
+            elapsed += time.perf_counter() - start
+    return elapsed / steps
+
+
+def fits(model, batch: int, tokens: int) -> bool:
+    try:
+        cache = filled_cache(model, batch, tokens)
+        decode_steps(model, cache, batch, tokens, 1)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        cache = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(model, tokens: int, high: int = 256) -> int:
+    low = 0  # fits(low) holds; find the largest fitting batch up to `high`
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(model, mid, tokens):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def measure(name: str, build, batch: int, tokens: int, steps: int, largest: int | None = None) -> dict:
+    """Decode speed and memory of `build()` at `batch` (0: its largest batch) and `tokens` of context."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = build()
+    finally:
+        torch.set_default_dtype(previous)
+    weights = torch.cuda.memory_allocated()
+    result = {"model": name, "weights_GB": weights / 1e9}
+    result["largest_batch"] = largest if largest is not None else largest_batch(model, tokens)
+    result["batch"] = batch = min(batch, result["largest_batch"]) if batch else result["largest_batch"]
+    cache = filled_cache(model, batch, tokens)
+    result["cache_GB"] = (torch.cuda.memory_allocated() - weights) / 1e9
+    torch.cuda.reset_peak_memory_stats()
+    seconds = decode_steps(model, cache, batch, tokens, steps)
+    result.update(
+        ms_per_step=seconds * 1e3,
+        tokens_per_s=batch / seconds,
+        peak_GB=torch.cuda.max_memory_allocated() / 1e9,
+    )
+    cache = model = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"{name}: {result}", flush=True)
+    return result
+
+
+@torch.no_grad()
+def check_greedy(folder: str, tokens: int = 64) -> dict:
+    """64 greedy tokens through the Triton kernel and through the PyTorch path, on a left-padded batch of 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = ["The history of the Roman Empire", "Write a short poem about the sea and the wind that moves it."]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
+    outputs = {}
+    for choice in ("torch", "triton"):
+        os.environ["STARKV_DECODE_KERNEL"] = choice
+        outputs[choice] = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    same = torch.equal(outputs["torch"], outputs["triton"])
+    text = tokenizer.batch_decode(outputs["triton"][:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    result = {"checkpoint": folder, "new_tokens": tokens, "batch": 2, "identical": same, "sample": text}
+    print(result, flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--check-greedy", metavar="CHECKPOINT")
+    p.add_argument("--out", default=os.environ.get("OUT"))
+    args = p.parse_args()
+    env = environment()
+    if args.check_greedy:
+        write_results("greedy_kernel_vs_torch", {**env, **check_greedy(args.check_greedy)}, args.out)
+        return
+    stock = measure("stock Llama-3.1-8B shape, SDPA, DynamicCache", stock_model, 0, args.context, args.steps)
+    batch = min(args.batch, stock["largest_batch"])
+    ours_max = measure(
+        "STAR-KV K30%/V50%, Triton decode, at its largest batch", starkv_model, 0, args.context, args.steps
+    )
+    largest = ours_max["largest_batch"]
+    ours = measure("STAR-KV K30%/V50%, Triton decode", starkv_model, batch, args.context, args.steps, largest)
+    stock_at = measure("stock at the same batch", stock_model, batch, args.context, args.steps, stock["largest_batch"])
+    result = {
+        "benchmark": "generate",
+        **env,
+        "context": args.context,
+        "k_rank": K_RANK,
+        "v_rank": V_RANK,
+        "rows": [stock, stock_at, ours, ours_max],
+        "decode_speedup_same_batch": ours["tokens_per_s"] / stock_at["tokens_per_s"],
+        "throughput_ratio_each_at_largest_batch": ours_max["tokens_per_s"] / stock["tokens_per_s"],
+        "largest_batch_ratio": ours_max["largest_batch"] / stock["largest_batch"],
+    }
+    path = write_results("generate", result, args.out)
+    print(f"wrote {path}")
+    print(f"{'model':48s} {'batch':>5s} {'max B':>5s} {'ms/step':>8s} {'tok/s':>7s} {'peak GB':>8s}")
+    for r in result["rows"]:
+        print(f"{r['model']:48s} {r['batch']:5d} {r['largest_batch']:5d} {r['ms_per_step']:8.1f} "
+              f"{r['tokens_per_s']:7.1f} {r['peak_GB']:8.1f}")  # fmt: skip
+    print(f"decode speedup at batch {batch}: {result['decode_speedup_same_batch']:.2f}x; largest batch ratio "
+          f"{result['largest_batch_ratio']:.2f}x; tokens/s each at its largest batch "
+          f"{result['throughput_ratio_each_at_largest_batch']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
