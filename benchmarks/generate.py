@@ -13,6 +13,8 @@ two decode steps fit on the card (bisection on out-of-memory errors).
 import argparse
 import gc
 import os
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # both models: less fragmentation
 import sys
 import time
 from pathlib import Path
@@ -148,23 +150,37 @@ def measure(name: str, build, batch: int, tokens: int, steps: int, largest: int 
 
 @torch.no_grad()
 def check_greedy(folder: str, tokens: int = 64) -> dict:
-    """64 greedy tokens through the Triton kernel and through the PyTorch path, on a left-padded batch of 2."""
+    """
+    Greedy tokens through the Triton kernel and through the PyTorch path, on a left-padded batch of 2, in float32
+    (where both compute the same function to ~1e-6) and in bfloat16 (where both round differently, so a near-tie
+    between two tokens may break either way; the first differing step is reported).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16).cuda().eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prompts = ["The history of the Roman Empire", "Write a short poem about the sea and the wind that moves it."]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
-    outputs = {}
-    for choice in ("torch", "triton"):
-        os.environ["STARKV_DECODE_KERNEL"] = choice
-        outputs[choice] = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    same = torch.equal(outputs["torch"], outputs["triton"])
-    text = tokenizer.batch_decode(outputs["triton"][:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    result = {"checkpoint": folder, "new_tokens": tokens, "batch": 2, "identical": same, "sample": text}
+    prompt_len = inputs["input_ids"].shape[1]
+    result = {"checkpoint": folder, "new_tokens": tokens, "batch": 2}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).cuda().eval()
+        outputs = {}
+        for choice in ("torch", "triton"):
+            os.environ["STARKV_DECODE_KERNEL"] = choice
+            outputs[choice] = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        new = {k: v[:, prompt_len:] for k, v in outputs.items()}
+        differs = (new["torch"] != new["triton"]).any(0).nonzero()
+        name = str(dtype).removeprefix("torch.")
+        result[name] = {
+            "identical": bool(torch.equal(new["torch"], new["triton"])),
+            "first_differing_step": int(differs[0]) if len(differs) else None,
+            "sample": tokenizer.batch_decode(new["triton"], skip_special_tokens=True),
+        }
+        model = None
+        torch.cuda.empty_cache()
     print(result, flush=True)
     return result
 
