@@ -1,6 +1,7 @@
 """Helpers shared by the GPU benchmarks: environment record, timing, bandwidth, results files."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -13,14 +14,17 @@ def environment() -> dict:
     import transformers
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
+    commit = os.environ.get("STARKV_COMMIT")  # the device machine's copy has no usable git history
+    if not commit:
+        run = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
+        commit = run.stdout.strip() or "unknown"
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton.__version__,
         "transformers": transformers.__version__,
-        "commit": commit.stdout.strip() or "unknown (no git on the device machine)",
+        "commit": commit,
     }
 
 
