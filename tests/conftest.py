@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data" / "wikitext2-test.txt"
+SHARED_DATA = Path(os.environ.get("STARKV_TEST_TEXT", ROOT.parent / "shared" / "data" / "wikitext2-test.txt"))
 TINY_VOCAB = 384
 
 sys.path.insert(0, str(Path(__file__).parent))
