@@ -63,7 +63,7 @@ Only the key/value projections differ from the base model; every other tensor is
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
 inputs = tokenizer("The capital of France is", return_tensors="pt")
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```

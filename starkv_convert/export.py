@@ -35,6 +35,7 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
             if folder.exists() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
+    _default_permissions(staging)
     previous = None
     if output.exists():
         previous = output.with_name(f".{output.name}.replaced")
@@ -43,6 +44,15 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
     os.replace(staging, output)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _default_permissions(folder: Path) -> None:
+    """Gives the folder and its files the permissions of a plain mkdir/open under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_checkpoint(

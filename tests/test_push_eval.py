@@ -155,3 +155,14 @@ def test_eval_prints_json(which, base_dir, converted, corpus, capsys):
         assert result["kv_cache_bytes_per_token"] == expected
     else:
         assert result["kv_cache_bytes_per_token"] <= 0.505 * expected
+
+
+def test_output_has_normal_permissions(converted):
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = converted("llama", kv_ratio=0.5)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((folder / "model.safetensors").stat().st_mode) == 0o666 & ~umask
