@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -250,7 +251,7 @@ class StarKVPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["StarKVDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -293,8 +294,10 @@ class StarKVModel(StarKVPreTrainedModel):
         past_key_values: StarKVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: StarKVCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values  # transformers >= 5.24 says `cache`
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -312,16 +315,13 @@ class StarKVModel(StarKVPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        mask_kwargs = {
-            "config": self.config,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
-            "position_ids": position_ids,
-        }
-        causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+        # positional: the cache argument is `past_key_values` before transformers 5.24 and `cache` after
+        mask_args = (self.config, inputs_embeds, attention_mask, past_key_values)
+        causal_mask_mapping = {"full_attention": create_causal_mask(*mask_args, position_ids=position_ids)}
         if "sliding_attention" in self.config.layer_types:
-            causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(
+                *mask_args, position_ids=position_ids
+            )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -348,7 +348,7 @@ class StarKVModel(StarKVPreTrainedModel):
         if past_key_values is not None:
             past_key_values.trim_positions()
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(hidden_states, past_key_values)  # the cache field's name depends on the version
 
 
 class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
@@ -372,13 +372,14 @@ class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: StarKVCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -391,21 +392,17 @@ class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        cache_out = outputs.get("cache", outputs.get("past_key_values"))
+        return CausalLMOutputWithPast(loss, logits, cache_out, outputs.hidden_states, outputs.attentions)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """generate() gets a StarKVCache unless the caller passed a cache or asked for none."""
-        wants_default = generation_config.cache_implementation in (None, "dynamic")
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False and wants_default:
-            model_kwargs["past_key_values"] = StarKVCache(self.config)
-            return
+        """generate() gets a StarKVCache where transformers would create a DynamicCache for this model."""
+        keys = ("cache", "past_key_values")  # the name changed in transformers 5.24
+        given = {key: model_kwargs.get(key) for key in keys}
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for key in keys:
+            if given[key] is None and type(model_kwargs.get(key)) is DynamicCache:
+                model_kwargs[key] = StarKVCache(self.config)
 
 
 __all__ = ["StarKVForCausalLM", "StarKVModel", "StarKVPreTrainedModel"]
