@@ -74,3 +74,11 @@ def test_half_precision_runs_close_to_base(base_dir, converted, tokenizer, dtype
     assert (got - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
     out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 8
+
+
+def test_plain_svd_init_at_full_rank_equals_base(base_dir, converted):
+    """--init svd (no whitening, no calibration statistics) is exact at full rank too."""
+    base, model = load_pair(base_dir("qwen2"), converted("qwen2", kv_ratio=1.0, init="svd"))
+    ids = torch.randint(1, 300, (1, 33), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max().item() <= MAX_ABS
