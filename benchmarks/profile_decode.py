@@ -35,15 +35,18 @@ def profile(query, inputs, config) -> list[tuple[str, float]]:
 
 VARIANTS = {
     "default": {},
-    "1 RoPE chunk": {"rope_chunks": 1},
+    "token-major scores": {"token_major_scores": True},
     "probe: no RoPE": {"probe": 1},
-    "2 stages": {"scores_stages": 2},
-    "3 stages": {"scores_stages": 3},
-    "BT 128, 8 warps": {"block_tokens": 128, "scores_warps": 8},
-    "BT 128, 8 warps, 2 stages": {"block_tokens": 128, "scores_warps": 8, "scores_stages": 2},
+    "probe: no score stores": {"probe": 2},
     "BT 32": {"block_tokens": 32},
+    "BT 128, 8 warps": {"block_tokens": 128, "scores_warps": 8},
+    "8 warps": {"scores_warps": 8},
+    "3 stages": {"scores_stages": 3},
+    "1 stage": {"scores_stages": 1},
+    "2 programs/SM": {"programs_per_sm": 2},
     "8 programs/SM": {"programs_per_sm": 8},
     "values block 128": {"value_block": 128},
+    "values 8 warps": {"values_warps": 8},
 }
 
 
