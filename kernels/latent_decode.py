@@ -15,10 +15,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    stay latent under the softmax).
 
 RoPE: the angles of consecutive positions are built by angle addition from one exactly reduced angle per tile
-(cos/sin of the offsets 0..BT-1 are computed once per program and kept in 16 bits, as transformers rounds cos/sin
-to the model dtype), so few special functions run per element; a tile whose positions are not consecutive, and
-every fp32 call, takes the exact path (each angle reduced and evaluated). The rebuild, rotation and scores run over
-up to four slices of the frequencies so that the live tiles fit in registers without spilling.
+(cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a tile
+whose positions are not consecutive, and every fp32 call, takes the exact path (each angle reduced and evaluated).
 The scores buffer adds 8 bytes per token and query head to the bytes read; benchmarks/README.md has the numbers.
 """
 
@@ -111,80 +109,14 @@ if triton is not None:
         return tl.cos(angle), tl.sin(angle)
 
     @triton.jit
-    def _load_chunk(W, Q, KBIAS, NORMW, INVF, b, head, offset, rank, stride_qb, stride_qh, stride_wd,
-                    G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, HC: tl.constexpr, RMAX: tl.constexpr,
-                    BT: tl.constexpr, chunk: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_NORM: tl.constexpr):  # fmt: skip
-        """One chunk of HC frequencies: the up-projection rows that RoPE pairs up, transposed (RMAX, HC) each, the
-        G query heads' matching dims, transposed (HC, GP), the chunk's inverse frequencies, bias and norm, and the
-        cos/sin of the angles of token offsets 0..BT-1 within a tile (BT, HC)."""
-        r = tl.arange(0, RMAX)
-        dims = chunk * HC + tl.arange(0, HC)
-        g = tl.arange(0, GP)
-        w_ptr = W + (offset + r)[:, None] + dims[None, :] * stride_wd
-        w_lo = tl.load(w_ptr, mask=r[:, None] < rank, other=0.0)
-        w_hi = tl.load(w_ptr + HALF * stride_wd, mask=r[:, None] < rank, other=0.0)
-        q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
-        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)
-        q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
-        inv_freq = tl.load(INVF + dims)
-        bias_lo = inv_freq
-        bias_hi = inv_freq
-        norm_lo = inv_freq
-        norm_hi = inv_freq
-        if HAS_BIAS:
-            bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
-            bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
-        if HAS_NORM:
-            norm_lo = tl.load(NORMW + dims).to(tl.float32)
-            norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
-        step_cos, step_sin = _reduced_cos_sin(tl.arange(0, BT).to(tl.float32)[:, None] * inv_freq[None, :])
-        step_cos = step_cos.to(Q.dtype.element_ty)  # kept for the whole loop: 16-bit halves their registers
-        step_sin = step_sin.to(Q.dtype.element_ty)
-        return w_lo, w_hi, q_lo, q_hi, inv_freq, bias_lo, bias_hi, norm_lo, norm_hi, step_cos, step_sin
-
-    @triton.jit
-    def _chunk_scores(scores, z, pos, start, consecutive, w_lo, w_hi, q_lo, q_hi, inv_freq, bias_lo, bias_hi,
-                      norm_lo, norm_hi, step_cos, step_sin, rope_scale, eps, HALF: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr, PROBE: tl.constexpr,
-                      PRECISION: tl.constexpr):  # fmt: skip
-        """Adds one frequency chunk's share of q . RoPE(W z + b) to `scores` (BT, GP)."""
-        k_lo = tl.dot(z, w_lo, input_precision=PRECISION)  # (BT, HC) fp32
-        k_hi = tl.dot(z, w_hi, input_precision=PRECISION)
-        if HAS_BIAS:
-            k_lo += bias_lo[None, :]
-            k_hi += bias_hi[None, :]
-        if HAS_NORM:  # only with a single chunk, so the sums cover all of head_dim
-            inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
-            k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
-            k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
-        if PROBE == 1:  # profiling only: no rotation
-            rot_lo, rot_hi = k_lo, k_hi
-        else:
-            if EXACT_ROPE:
-                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])  # fp32 angles, as HF
-            elif consecutive:  # angle addition from the tile's first position: no special functions per element
-                base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-                cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
-                sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
-            else:
-                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-            cos = cos * rope_scale
-            sin = sin * rope_scale
-            rot_lo = k_lo * cos - k_hi * sin
-            rot_hi = k_hi * cos + k_lo * sin
-        scores = tl.dot(rot_lo.to(q_lo.dtype), q_lo, scores, input_precision=PRECISION)
-        return tl.dot(rot_hi.to(q_hi.dtype), q_hi, scores, input_precision=PRECISION)
-
-    @triton.jit
     def _scores_kernel(
         Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S,
         T, tiles_per_split,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         scaling, rope_scale, eps,
-        G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, CHUNKS: tl.constexpr, RMAX: tl.constexpr,
-        BT: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
-        EXACT_ROPE: tl.constexpr, PRECISION: tl.constexpr, PROBE: tl.constexpr = 0,
+        G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, RMAX: tl.constexpr, BT: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
+        PRECISION: tl.constexpr, PROBE: tl.constexpr = 0,
     ):  # fmt: skip
         head = tl.program_id(0)
         split = tl.program_id(1)
@@ -192,16 +124,27 @@ if triton is not None:
         rank = tl.load(RANKS + head)
         offset = tl.load(OFFSETS + head)
         r = tl.arange(0, RMAX)
+        dims = tl.arange(0, HALF)
         g = tl.arange(0, GP)
         i = tl.arange(0, BT)
-        HC: tl.constexpr = HALF // CHUNKS
-        args = (W, Q, KBIAS, NORMW, INVF, b, head, offset, rank, stride_qb, stride_qh, stride_wd)
-        c0 = _load_chunk(*args, G, GP, HALF, HC, RMAX, BT, 0, HAS_BIAS, HAS_NORM)
-        if CHUNKS >= 2:
-            c1 = _load_chunk(*args, G, GP, HALF, HC, RMAX, BT, 1, HAS_BIAS, HAS_NORM)
-        if CHUNKS == 4:
-            c2 = _load_chunk(*args, G, GP, HALF, HC, RMAX, BT, 2, HAS_BIAS, HAS_NORM)
-            c3 = _load_chunk(*args, G, GP, HALF, HC, RMAX, BT, 3, HAS_BIAS, HAS_NORM)
+
+        # this head's up-projection, transposed and split into the halves RoPE pairs up: (RMAX, HALF) each
+        w_ptr = W + (offset + r)[:, None] + dims[None, :] * stride_wd
+        w_lo = tl.load(w_ptr, mask=r[:, None] < rank, other=0.0)
+        w_hi = tl.load(w_ptr + HALF * stride_wd, mask=r[:, None] < rank, other=0.0)
+        # the G query heads of this KV head, transposed: (HALF, GP)
+        q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
+        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)
+        q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
+        inv_freq = tl.load(INVF + dims)
+        if not EXACT_ROPE:
+            step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
+        if HAS_BIAS:
+            bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
+            bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
+        if HAS_NORM:
+            norm_lo = tl.load(NORMW + dims).to(tl.float32)
+            norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
         checksum = 0.0
         first = split * tiles_per_split
@@ -216,31 +159,40 @@ if triton is not None:
                 mask=in_range[:, None] & (r[None, :] < rank),
                 other=0.0,
             )
+            k_lo = tl.dot(z, w_lo, input_precision=PRECISION)  # (BT, HALF) fp32
+            k_hi = tl.dot(z, w_hi, input_precision=PRECISION)
+            if HAS_BIAS:
+                k_lo += bias_lo[None, :]
+                k_hi += bias_hi[None, :]
+            if HAS_NORM:
+                inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
+                k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
+                k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
+
             pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-            # generate() gives consecutive positions (padding aside): anchor them at the tile's last token
-            last = tl.minimum(tile * BT + BT - 1, T - 1)
-            start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
-            consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
-            scores = tl.zeros([BT, GP], tl.float32)
-            scores = _chunk_scores(
-                scores, z, pos, start, consecutive, *c0, rope_scale, eps,
-                HALF, HAS_BIAS, HAS_NORM, EXACT_ROPE, PROBE, PRECISION,
-            )  # fmt: skip
-            if CHUNKS >= 2:
-                scores = _chunk_scores(
-                    scores, z, pos, start, consecutive, *c1, rope_scale, eps,
-                    HALF, HAS_BIAS, HAS_NORM, EXACT_ROPE, PROBE, PRECISION,
-                )  # fmt: skip
-            if CHUNKS == 4:
-                scores = _chunk_scores(
-                    scores, z, pos, start, consecutive, *c2, rope_scale, eps,
-                    HALF, HAS_BIAS, HAS_NORM, EXACT_ROPE, PROBE, PRECISION,
-                )  # fmt: skip
-                scores = _chunk_scores(
-                    scores, z, pos, start, consecutive, *c3, rope_scale, eps,
-                    HALF, HAS_BIAS, HAS_NORM, EXACT_ROPE, PROBE, PRECISION,
-                )  # fmt: skip
-            scores = tl.where(keep[:, None], scores * scaling, float("-inf"))
+            if PROBE == 1:  # profiling only: no rotation
+                cos = tl.full([BT, HALF], 1.0, tl.float32)
+                sin = tl.zeros([BT, HALF], tl.float32)
+            elif EXACT_ROPE:
+                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+            else:
+                # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last token
+                last = tl.minimum(tile * BT + BT - 1, T - 1)
+                start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
+                consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
+                if consecutive:
+                    base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
+                    cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
+                    sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
+                else:
+                    cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+            cos = cos * rope_scale
+            sin = sin * rope_scale
+            rot_lo = (k_lo * cos - k_hi * sin).to(q_lo.dtype)
+            rot_hi = (k_hi * cos + k_lo * sin).to(q_lo.dtype)
+            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+            scores = tl.where(keep[:, None], scores, float("-inf"))
             if PROBE == 2:  # profiling only: keep one number per program instead of storing the scores
                 checksum += tl.sum(tl.sum(tl.where(in_range[:, None], scores, 0.0), 1), 0)
             else:
@@ -335,7 +287,6 @@ DEFAULT_CONFIG = {
     "scores_stages": 1,
     "values_warps": 4,
     "values_stages": 2,
-    "rope_chunks": 4,  # the rebuild + RoPE + scores run over this many slices of the frequencies (fewer registers)
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "probe": 0,  # profiling only: 1 skips RoPE, 2 skips writing the scores (results are then wrong)
 }
@@ -344,16 +295,6 @@ DEFAULT_CONFIG = {
 def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
     """Scratch buffers of the kernels (fp32); tests replace this to poison them."""
     return torch.empty(*shape, dtype=torch.float32, device=device)
-
-
-def _rope_chunks(head_dim: int, k_norm: torch.nn.Module | None, cfg: dict) -> int:
-    """Frequency chunks of the scores pass: at most cfg's, each >= 16 wide (a tensor-core tile); one with k-norm."""
-    if k_norm is not None:
-        return 1
-    chunks = cfg["rope_chunks"]
-    while chunks > 1 and head_dim // 2 // chunks < 16:
-        chunks //= 2
-    return chunks
 
 
 def _next_pow2(n: int, minimum: int = 16) -> int:
@@ -437,9 +378,9 @@ def latent_decode_attention(
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
         scaling, rope_scale, eps,
-        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, CHUNKS=_rope_chunks(head_dim, k_norm, cfg),
-        RMAX=_next_pow2(max(k_ranks)), BT=block_tokens, HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
-        HAS_NORM=k_norm is not None, EXACT_ROPE=exact, PRECISION="ieee" if exact else "tf32", PROBE=cfg["probe"],
+        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
+        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
+        PRECISION="ieee" if exact else "tf32", PROBE=cfg["probe"],
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
     )  # fmt: skip
 
