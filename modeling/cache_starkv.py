@@ -70,10 +70,14 @@ class StarKVCache(Cache):
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
 
-    def crop(self, max_length: int) -> None:
-        super().crop(max_length)
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last -tokens_to_remove tokens (a positive value is the legacy "keep this many tokens")."""
+        total = self.get_seq_length()
+        super().crop(tokens_to_remove)
         if self.positions is not None:
-            self.positions = self.positions[:, : self._held_tokens()]
+            removed = -tokens_to_remove if tokens_to_remove <= 0 else max(total - tokens_to_remove, 0)
+            self.positions = self.positions[:, : self.positions.shape[1] - removed]
+            self.trim_positions()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)

@@ -162,6 +162,8 @@ def pack_blocks(
     ids: list[int] = []
     starts_document = True
     for text, ends_document in pieces:
+        if not text.strip():  # an empty document would still add BOS/EOS
+            continue
         tokens = tokenizer(text, add_special_tokens=starts_document)["input_ids"]
         ids.extend(tokens)
         if ends_document and eos_id is not None and tokens and tokens[-1] != eos_id:
@@ -185,6 +187,7 @@ def sample_from_model(
     first = allowed[torch.randint(len(allowed), (n_blocks, 1), generator=generator)]
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else (model.generation_config.eos_token_id or 0)
+    pad = pad[0] if isinstance(pad, list) else pad  # Llama-3 Instruct lists several end-of-turn ids
     blocks = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -35,15 +35,28 @@ def atomic_output(output: Path, overwrite: bool = False) -> Iterator[Path]:
             if folder.exists() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-    _default_permissions(staging)
-    previous = None
-    if output.exists():
-        previous = output.with_name(f".{output.name}.replaced")
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(output, previous)
-    os.replace(staging, output)
+    previous = output.with_name(f".{output.name}.replaced") if output.exists() else None
+    try:
+        if previous is not None and not overwrite:  # it appeared while we worked: never replace it unasked
+            raise StarKVError(f"{output} appeared during the conversion: choose another --output or pass --overwrite")
+        _default_permissions(staging)
+        if previous is not None:
+            _remove(previous)
+            os.replace(output, previous)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
+        _remove(previous)
+
+
+def _remove(path: Path) -> None:
+    """Deletes a file or folder if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _default_permissions(folder: Path) -> None:

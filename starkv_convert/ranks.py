@@ -124,6 +124,10 @@ def uniform_ranks(shape: ModelShape, skip: list[int], budget: Budget) -> RankPla
         k_values, v_values = budget.k / n_compressed, budget.v / n_compressed
     k_rank = max(1, min(shape.max_k_rank, int(k_values / shape.num_kv_heads + 1e-6)))
     v_rank = max(1, min(shape.max_v_rank, int(v_values + 1e-6)))
+    if budget.total is not None:  # rank 1 per key head may cost more than half a layer's share: values give way
+        v_rank = min(v_rank, budget.total // n_compressed - k_rank * shape.num_kv_heads)
+        if v_rank < 1:
+            raise StarKVError("the budget is too small for uniform ranks (rank 1 per head): raise --kv-ratio")
     plan = RankPlan(k=[], v=[])
     for layer in range(shape.num_layers):
         full = layer in skip

@@ -132,3 +132,21 @@ def test_self_sampled_calibration_is_seeded(base_dir, tokenizer):
     assert a.blocks.shape == (3, 12) and a.eval_blocks.shape == (1, 12)
     assert torch.equal(a.blocks, b.blocks) and not torch.equal(a.blocks, c.blocks)
     assert "sampled from the base model" in a.source
+
+
+def test_empty_documents_add_nothing(tokenizer):
+    pieces = [("", True), ("   \n", True), (DOCS[0], True)] * 30
+    with_empty = cal.pack_blocks(pieces, tokenizer, n_blocks=2, seq_len=8, eos_id=0)
+    without = cal.pack_blocks([p for p in pieces if p[0].strip()], tokenizer, n_blocks=2, seq_len=8, eos_id=0)
+    assert torch.equal(with_empty, without)
+
+
+def test_sampling_with_a_list_of_end_ids(base_dir, tokenizer):
+    """Llama-3 Instruct style: no pad id and several EOS ids."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir("llama")).eval()
+    model.generation_config.pad_token_id = None
+    model.generation_config.eos_token_id = [0, 1]
+    blocks = cal.sample_from_model(model, tokenizer, n_blocks=2, seq_len=6, seed=0, progress=False)
+    assert blocks.shape == (2, 6)

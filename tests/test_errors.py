@@ -140,3 +140,28 @@ def test_checkpoint_with_bad_ranks_does_not_load(tmp_path, converted):
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"layer 0: kv_k_ranks \[1000, 1\] must hold 2 ranks in \[1, 32\]"):
         AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
+def test_output_that_appears_during_conversion_is_not_replaced(tmp_path):
+    from starkv_convert.errors import StarKVError
+    from starkv_convert.export import atomic_output
+
+    out = tmp_path / "out"
+    with pytest.raises(StarKVError, match="appeared during the conversion"):
+        with atomic_output(out) as staging:
+            (staging / "model.safetensors").write_text("ours")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
+def test_overwrite_replaces_a_file(tmp_path):
+    from starkv_convert.export import atomic_output
+
+    out = tmp_path / "out"
+    out.write_text("a file")
+    with atomic_output(out, overwrite=True) as staging:
+        (staging / "config.json").write_text("{}")
+    assert (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

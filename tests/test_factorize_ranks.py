@@ -93,3 +93,12 @@ def test_full_budget_keeps_full_rank():
     plan = energy_ranks(_factors(), SHAPE, [], make_budget(SHAPE, [], 1.0))
     assert all(k == [SHAPE.head_dim] * SHAPE.num_kv_heads for k in plan.k)
     assert all(v == SHAPE.side_floats for v in plan.v)
+
+
+def test_uniform_ranks_never_exceed_a_small_budget():
+    shape = ModelShape(num_layers=4, num_kv_heads=8, head_dim=16, hidden_size=96)
+    for ratio in (0.04, 0.05, 0.07, 0.1):
+        budget = make_budget(shape, [], ratio)
+        plan = uniform_ranks(shape, [], budget)
+        assert plan.floats_per_token(shape) <= budget.total
+        assert plan.ratio(shape) <= ratio

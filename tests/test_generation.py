@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import load_pair
 from transformers import AutoModelForCausalLM
@@ -122,3 +123,15 @@ def test_loads_without_starkv_installed(converted, tokenizer, tmp_path):
         env={"HF_HUB_OFFLINE": "1", "PATH": "", "HF_HOME": str(tmp_path / "hf")},
     )
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_assisted_decoding_crops_the_cache_correctly(family, converted, tokenizer):
+    """Prompt-lookup decoding crops the cache after rejected drafts; it must give plain greedy's tokens."""
+    model = AutoModelForCausalLM.from_pretrained(converted(family, kv_ratio=0.5), trust_remote_code=True).eval()
+    prompt = "the river and the bridge and the river and the bridge and the river and"
+    inputs = tokenizer(prompt, return_tensors="pt")
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    plain = model.generate(**inputs, **kwargs)
+    assisted = model.generate(**inputs, prompt_lookup_num_tokens=3, **kwargs)
+    assert torch.equal(plain, assisted)
