@@ -35,18 +35,10 @@ def profile(query, inputs, config) -> list[tuple[str, float]]:
 
 VARIANTS = {
     "default": {},
-    "token-major scores": {"token_major_scores": True},
+    "RoPE table": {"rope_table": True},
+    "RoPE table, 2 stages": {"rope_table": True, "scores_stages": 2},
+    "RoPE table, BT 128, 8 warps": {"rope_table": True, "block_tokens": 128, "scores_warps": 8},
     "probe: no RoPE": {"probe": 1},
-    "probe: no score stores": {"probe": 2},
-    "BT 32": {"block_tokens": 32},
-    "BT 128, 8 warps": {"block_tokens": 128, "scores_warps": 8},
-    "8 warps": {"scores_warps": 8},
-    "3 stages": {"scores_stages": 3},
-    "1 stage": {"scores_stages": 1},
-    "2 programs/SM": {"programs_per_sm": 2},
-    "8 programs/SM": {"programs_per_sm": 8},
-    "values block 128": {"value_block": 128},
-    "values 8 warps": {"values_warps": 8},
 }
 
 

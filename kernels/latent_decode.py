@@ -110,13 +110,14 @@ if triton is not None:
 
     @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S,
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S, COS, SIN,
         T, tiles_per_split,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
+        stride_cb, stride_ct,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, RMAX: tl.constexpr, BT: tl.constexpr,
         HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
-        PRECISION: tl.constexpr, PROBE: tl.constexpr = 0,
+        PRECISION: tl.constexpr, PROBE: tl.constexpr = 0, ROPE_TABLE: tl.constexpr = False,
     ):  # fmt: skip
         head = tl.program_id(0)
         split = tl.program_id(1)
@@ -137,7 +138,7 @@ if triton is not None:
         q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
         inv_freq = tl.load(INVF + dims)
-        if not EXACT_ROPE:
+        if not EXACT_ROPE and not ROPE_TABLE:
             step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
         if HAS_BIAS:
             bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
@@ -173,6 +174,10 @@ if triton is not None:
             if PROBE == 1:  # profiling only: no rotation
                 cos = tl.full([BT, HALF], 1.0, tl.float32)
                 sin = tl.zeros([BT, HALF], tl.float32)
+            elif ROPE_TABLE:  # cos/sin of every cached position, computed once per call (16-bit, as transformers)
+                table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
             elif EXACT_ROPE:
                 cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
             else:
@@ -288,6 +293,7 @@ DEFAULT_CONFIG = {
     "values_warps": 4,
     "values_stages": 2,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
+    "rope_table": False,  # experiment: cos/sin of all cached positions precomputed per call instead of angle addition
     "probe": 0,  # profiling only: 1 skips RoPE, 2 skips writing the scores (results are then wrong)
 }
 
@@ -371,16 +377,21 @@ def latent_decode_attention(
     else:
         scores = _alloc(batch, num_heads, tokens, device=device)
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
+    use_table = cfg["rope_table"] and not exact
+    cos_t = sin_t = scores
+    if use_table:
+        cos_t, sin_t = (x[..., : head_dim // 2] for x in rope_cos_sin(positions, inv_freq, 1.0, query.dtype))
     _scores_kernel[(num_kv_heads, triton.cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
-        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores,
+        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
         tokens, per_split,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
+        cos_t.stride(0), cos_t.stride(1),
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
-        PRECISION="ieee" if exact else "tf32", PROBE=cfg["probe"],
+        PRECISION="ieee" if exact else "tf32", PROBE=cfg["probe"], ROPE_TABLE=use_table,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages"],
     )  # fmt: skip
 

@@ -87,9 +87,9 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(kernels, "_alloc", lambda *shape, device: torch.full(shape, float("nan"), device=device))
 
 
-def check(case, dtype):
+def check(case, dtype, config=None):
     expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
-    got = kernels.latent_decode_attention(**cast(case, dtype)).cpu().double()
+    got = kernels.latent_decode_attention(**cast(case, dtype), config=config).cpu().double()
     assert got.shape == expected.shape
     assert not torch.isnan(got).any()
     error = (got - expected).norm() / expected.norm()
@@ -116,9 +116,10 @@ def test_kernel_matches_reference(poisoned, dtype, batch, tokens, kv_heads, grou
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype):
+@pytest.mark.parametrize("config", [None, {"rope_table": True, "block_tokens": 32}])
+def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     case = make_case(2, 90, 2, 2, 64, [20, 31], 50, pad=37, bias=True, norm=True, rope_scale=1.3, seed=3)
-    check(case, dtype)
+    check(case, dtype, config)
     # padding really is ignored: changing padded latents changes nothing
     other = dict(case, key_latents=case["key_latents"].clone(), value_latents=case["value_latents"].clone())
     other["key_latents"][0, :37] = 1e3
