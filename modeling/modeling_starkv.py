@@ -30,7 +30,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cache_starkv import StarKVCache
 from .configuration_starkv import StarKVConfig
-from .latent_decode import latent_decode_attention, use_decode_kernel
+from .latent_decode import latent_decode_attention, rope_tables, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
 
 
@@ -143,7 +143,7 @@ class StarKVAttention(nn.Module):
         query: torch.Tensor,
         attention_mask: torch.Tensor | None,
         past_key_values: StarKVCache,
-        rope: tuple[torch.Tensor, float],
+        rope: tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None],
     ) -> torch.Tensor:
         """One decode query per sequence over the cached latents, fused in Triton; returns (batch, heads, head_dim)."""
         key_latents, value_latents = past_key_values.update_latents(
@@ -154,7 +154,9 @@ class StarKVAttention(nn.Module):
         if attention_mask is not None:
             mask = attention_mask[:, 0, -1, -tokens:]
             valid = mask if mask.dtype == torch.bool else mask == 0
-        inv_freq, rope_scale = rope
+        inv_freq, rope_scale, tables = rope
+        if tables is not None:  # a sliding-window layer reads only the latest tokens
+            tables = tuple(t[:, -tokens:] for t in tables)
         return latent_decode_attention(
             query[:, :, 0],
             key_latents,
@@ -170,6 +172,7 @@ class StarKVAttention(nn.Module):
             self.v_b_proj.weight,
             self.v_b_proj.bias,
             self.scaling,
+            tables=tables,
         )
 
     def _latent_keys_values(
@@ -329,7 +332,11 @@ class StarKVModel(StarKVPreTrainedModel):
         if past_key_values is not None:
             key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
             if inputs_embeds.shape[1] == 1 and past_seen_tokens > 0 and use_decode_kernel(inputs_embeds.device):
-                rope = (self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling))
+                inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
+                tables = None  # cos/sin of the cached positions, once per step for all layers (16-bit models)
+                if inputs_embeds.dtype != torch.float32:
+                    tables = rope_tables(key_positions, inv_freq, scale, inputs_embeds.dtype)
+                rope = (inv_freq, scale, tables)
             elif past_seen_tokens > 0:
                 key_position_embeddings = self.rotary_emb(hidden_states, position_ids=key_positions)
 

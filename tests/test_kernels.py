@@ -116,7 +116,7 @@ def test_kernel_matches_reference(poisoned, dtype, batch, tokens, kv_heads, grou
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, {"rope_table": True, "block_tokens": 32}])
+@pytest.mark.parametrize("config", [None, {"rope_table": True, "block_tokens": 32}])  # angle addition; tables
 def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     case = make_case(2, 90, 2, 2, 64, [20, 31], 50, pad=37, bias=True, norm=True, rope_scale=1.3, seed=3)
     check(case, dtype, config)
@@ -153,6 +153,20 @@ def test_model_decodes_the_same_through_the_kernel(monkeypatch, family, converte
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(converted(family, kv_ratio=0.5), trust_remote_code=True).eval()
+    check_generate_paths(monkeypatch, model, tokenizer, 1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral"])
+def test_half_precision_model_decodes_close_through_the_kernel(monkeypatch, family, converted, tokenizer):
+    """In fp16 the model hands the kernel RoPE tables computed once per step; logits stay within fp16 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    folder = converted(family, kv_ratio=0.5)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float16).eval()
+    check_generate_paths(monkeypatch, model, tokenizer, 5e-2, tokens_equal=False)
+
+
+def check_generate_paths(monkeypatch, model, tokenizer, tolerance, tokens_equal=True):
     model.to(DEVICE)
     tokenizer.padding_side = "left"
     inputs = tokenizer(["Short", "A longer prompt that needs no padding"], return_tensors="pt", padding=True)
@@ -164,10 +178,13 @@ def test_model_decodes_the_same_through_the_kernel(monkeypatch, family, converte
     for choice in ("torch", "triton"):
         monkeypatch.setenv("STARKV_DECODE_KERNEL", choice)
         results[choice] = model.generate(**inputs, **kwargs)
-    assert torch.equal(results["torch"].sequences, results["triton"].sequences)
+    if tokens_equal:
+        assert torch.equal(results["torch"].sequences, results["triton"].sequences)
+    else:  # rounding may break a near-tie later: compare the prefill step and the first kernel step only
+        results = {k: type(v)(sequences=v.sequences, scores=v.scores[:2]) for k, v in results.items()}
     for a, b in zip(results["torch"].scores, results["triton"].scores):
         assert torch.equal(torch.isinf(a), torch.isinf(b))  # min_new_tokens masks EOS with -inf
-        assert (a - b)[torch.isfinite(a)].abs().max() <= 1e-3
+        assert (a - b)[torch.isfinite(a)].abs().max() <= tolerance
 
 
 def test_kernel_switch(monkeypatch):
