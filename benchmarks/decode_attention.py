@@ -100,7 +100,8 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     sample = dict(latents[0])
     for key in ("key_latents", "value_latents", "positions"):
         sample[key] = sample[key][:2]
-    got = kernels.latent_decode_attention(query[:2], **sample).float()
+    sample_tables = kernels.rope_tables(sample["positions"], sample["inv_freq"], 1.0, torch.bfloat16)
+    got = kernels.latent_decode_attention(query[:2], **sample, tables=sample_tables).float()
     as_fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in sample.items()}
     expected = kernels.latent_decode_reference(query[:2].float(), **as_fp32)
     rel_error = ((got - expected).norm() / expected.norm()).item()
