@@ -33,12 +33,16 @@ def profile(query, inputs, config) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
-VARIANTS = {
-    "default": {},
-    "RoPE table": {"rope_table": True},
-    "RoPE table, 2 stages": {"rope_table": True, "scores_stages": 2},
-    "RoPE table, BT 128, 8 warps": {"rope_table": True, "block_tokens": 128, "scores_warps": 8},
-    "probe: no RoPE": {"probe": 1},
+VARIANTS = {  # all with RoPE tables, as the model runs it; the "scores" column is the one to compare
+    "tables (default launch)": {"rope_table": True},
+    "3 stages": {"rope_table": True, "scores_stages_tables": 3},
+    "4 stages": {"rope_table": True, "scores_stages_tables": 4},
+    "8 warps": {"rope_table": True, "scores_warps": 8},
+    "8 warps, 3 stages": {"rope_table": True, "scores_warps": 8, "scores_stages_tables": 3},
+    "BT 32, 3 stages": {"rope_table": True, "block_tokens": 32, "scores_stages_tables": 3},
+    "2 programs/SM": {"rope_table": True, "programs_per_sm": 2},
+    "8 programs/SM": {"rope_table": True, "programs_per_sm": 8},
+    "values block 128": {"rope_table": True, "value_block": 128},
 }
 
 
