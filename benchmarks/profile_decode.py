@@ -40,8 +40,8 @@ VARIANTS = {  # all with RoPE tables, as the model runs it; the "scores" column 
     "8 warps": {"rope_table": True, "scores_warps": 8},
     "8 warps, 3 stages": {"rope_table": True, "scores_warps": 8, "scores_stages_tables": 3},
     "BT 32, 3 stages": {"rope_table": True, "block_tokens": 32, "scores_stages_tables": 3},
-    "2 programs/SM": {"rope_table": True, "programs_per_sm": 2},
-    "8 programs/SM": {"rope_table": True, "programs_per_sm": 8},
+    "scores 4 programs/SM": {"rope_table": True, "scores_programs_per_sm": 4},
+    "values 8 programs/SM": {"rope_table": True, "values_programs_per_sm": 8},
     "values block 128": {"rope_table": True, "value_block": 128},
 }
 

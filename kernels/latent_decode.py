@@ -298,7 +298,8 @@ if triton is not None:
 DEFAULT_CONFIG = {
     "block_tokens": 64,  # cached tokens per tile (both passes)
     "value_block": 64,  # value-latent columns per program of the values pass
-    "programs_per_sm": 4,  # context splits are chosen to launch about this many programs per multiprocessor
+    "scores_programs_per_sm": 8,  # context splits give each pass about this many programs per multiprocessor
+    "values_programs_per_sm": 4,  # (more splits for the values pass would make the merge longer)
     "scores_warps": 4,
     "scores_stages": 1,  # with angle addition
     "scores_stages_tables": 2,  # with RoPE tables (measured best on the H100 for each)
@@ -384,7 +385,7 @@ def latent_decode_attention(
     exact = query.dtype == torch.float32
 
     tiles = triton.cdiv(tokens, block_tokens)
-    _, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["programs_per_sm"])
+    _, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["scores_programs_per_sm"])
     if cfg["token_major_scores"]:
         scores = _alloc(batch, tokens, num_heads, device=device)
         stride_sh, stride_st = scores.stride(2), scores.stride(1)
@@ -411,7 +412,7 @@ def latent_decode_attention(
     )  # fmt: skip
 
     blocks = triton.cdiv(v_rank, value_block)
-    v_splits, v_per_split = _splits(tiles, batch * blocks, device, cfg["programs_per_sm"])
+    v_splits, v_per_split = _splits(tiles, batch * blocks, device, cfg["values_programs_per_sm"])
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
