@@ -86,6 +86,12 @@ def family(request) -> str:
     return request.param
 
 
+def quick_convert_args(base, out, corpus, *extra: str) -> list[str]:
+    """starkv-convert arguments for a fast conversion of a tiny model on the test corpus."""
+    fast = ["--calibration", str(corpus), "--calibration-samples", "4", "--seq-len", "32", "--eval-samples", "1", "-q"]
+    return [str(base), "-o", str(out), *fast, *extra]
+
+
 def load_pair(base: Path, converted_dir: Path):
     """(base model, converted model) loaded as users load them, fp32, eval mode."""
     from transformers import AutoModelForCausalLM

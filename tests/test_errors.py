@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import quick_convert_args
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from starkv_convert.cli import convert_main, eval_main
@@ -101,20 +102,7 @@ def test_interrupt_leaves_nothing(monkeypatch, capsys, tmp_path, base_dir, corpu
 
     monkeypatch.setattr(convert_module, "write_checkpoint", interrupted)
     out = tmp_path / "out" / "model"
-    code = convert_main(
-        [
-            str(base_dir("llama")),
-            "-o",
-            str(out),
-            "--calibration",
-            str(corpus),
-            "-q",
-            "--calibration-samples",
-            "2",
-            "--seq-len",
-            "32",
-        ]
-    )
+    code = convert_main(quick_convert_args(base_dir("llama"), out, corpus))
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import quick_convert_args
 
 from starkv_convert import push as push_module
 from starkv_convert.cli import convert_main, eval_main
@@ -71,24 +72,7 @@ def test_push_network_error_is_one_line(monkeypatch, converted):
 
 def test_convert_with_push_flag(fake_api, base_dir, corpus, tmp_path, capsys):
     out = tmp_path / "pushed"
-    code = convert_main(
-        [
-            str(base_dir("llama")),
-            "-o",
-            str(out),
-            "--calibration",
-            str(corpus),
-            "--seq-len",
-            "32",
-            "--calibration-samples",
-            "4",
-            "--eval-samples",
-            "1",
-            "--push-to-hub",
-            "me/pushed",
-            "-q",
-        ]
-    )
+    code = convert_main(quick_convert_args(base_dir("llama"), out, corpus, "--push-to-hub", "me/pushed"))
     assert code == 0, capsys.readouterr().err
     assert [c[0] for c in fake_api.calls] == ["create_repo", "upload_folder"]
 
