@@ -47,7 +47,12 @@ def render_model_card(report: dict[str, Any], repo_id: str | None = None) -> str
     link = f"[{name}](https://huggingface.co/{name})" if base.get("id") else f"`{name}`"
     repo = repo_id or "PATH_OR_REPO_ID"
     kept = budget["kept_ratio"]
-    method = {"energy": "whitened spectral energy, allocated across all heads and layers", "uniform": "uniform"}
+    method = {
+        "learned": "learned soft thresholds with knowledge distillation from the base model (STAR-KV), started "
+        "from the whitened factorization",
+        "energy": "whitened spectral energy, allocated across all heads and layers",
+        "uniform": "uniform",
+    }
     return f"""{_front_matter(report)}
 
 # {name.split("/")[-1]} with a STAR-KV latent KV cache ({kept:.0%} of the KV cache kept)
@@ -83,9 +88,7 @@ float16, and works with `generate()` (greedy, sampling, beam search, padded batc
 
 Perplexity on {ppl["data"]} ({_fmt(ppl["tokens"])} predicted tokens):
 
-| base model | STAR-KV |
-|---|---|
-| {_fmt(ppl["base"])} | {_fmt(ppl["starkv"])} |
+{_quality_table(ppl)}
 
 ## Ranks
 
@@ -93,8 +96,10 @@ Rank selection: {method.get(budget["method"], budget["method"])}; initialization
 (damping {budget["damp"]}); budget: --kv-ratio {budget["kv_ratio"]}{_side_ratios(budget)}; layers kept full:
 {budget["skip_layers"] or "none"}.
 
-{_ranks_table(report)}
+![ranks per layer and head](ranks.png)
 
+{_ranks_table(report)}
+{_learning_section(report)}
 ## Conversion
 
 - calibration: {calib["source"]} ({_fmt(calib["tokens"])} tokens)
@@ -109,3 +114,29 @@ def _side_ratios(budget: dict[str, Any]) -> str:
     if budget.get("k_ratio") is None:
         return ""
     return f" (keys {budget['k_ratio']}, values {budget['v_ratio']})"
+
+
+def _quality_table(ppl: dict[str, Any]) -> str:
+    if ppl.get("init") is None:
+        return f"| base model | STAR-KV |\n|---|---|\n| {_fmt(ppl['base'])} | {_fmt(ppl['starkv'])} |"
+    return (
+        "| base model | STAR-KV before learning (whitened energy ranks) | STAR-KV (learned) |\n|---|---|---|\n"
+        f"| {_fmt(ppl['base'])} | {_fmt(ppl['init'])} | {_fmt(ppl['starkv'])} |"
+    )
+
+
+def _learning_section(report: dict[str, Any]) -> str:
+    learning = report.get("learning")
+    if not learning:
+        return ""
+    s, budget = learning["settings"], report["budget"]
+    return f"""
+### Learning
+
+Budgets: keys {_fmt(budget["k_values"])}, values {_fmt(budget["v_values"])} cached values per token over the
+compressed layers. Threshold phase: {learning["threshold_steps"]} steps (at most {s["steps"]}; threshold lr
+{s["threshold_lr"]}, compression weight {s["compression"]}, gate sharpness {s["beta"]}); recovery phase:
+{learning["recovery_steps"]} steps (lr {s["lr"]}); {_fmt(learning["tokens_per_step"])} tokens per step. KD loss
+(KL(base || student), nats per token): {_fmt(learning["kd_first"], 4)} at the first step,
+{_fmt(learning["kd_last"], 4)} at the last. Only the key/value factors trained.
+"""

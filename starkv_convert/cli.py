@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import StarKVError
+from .learn import LearnOptions
 
 
 def _run(action: Callable[[], None]) -> int:
@@ -15,8 +16,8 @@ def _run(action: Callable[[], None]) -> int:
     except StarKVError as e:
         print(f"starkv: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("starkv: interrupted; no output folder was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"starkv: interrupted; no output folder was written{e.args[0] if e.args else ''}", file=sys.stderr)
         return 130
     return 0
 
@@ -31,7 +32,12 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-ratio", type=float, default=0.5, help="fraction of KV-cache values kept per token (0, 1]")
     p.add_argument("--k-ratio", type=float, help="give keys their own budget (with --v-ratio)")
     p.add_argument("--v-ratio", type=float, help="give values their own budget (with --k-ratio)")
-    p.add_argument("--method", default="energy", help="rank selection: energy (default) or uniform")
+    p.add_argument(
+        "--method",
+        default="learned",
+        help="rank selection: learned (soft thresholds + distillation, default), "
+        "energy (whitened spectral energy) or uniform",
+    )
     p.add_argument("--uniform", action="store_const", const="uniform", dest="method", help="same as --method uniform")
     p.add_argument("--init", default="whitened", help="whitened (activation-aware SVD, default) or svd (plain SVD)")
     p.add_argument("--damp", type=float, default=0.001, help="whitening damping, relative to the mean input power")
@@ -48,6 +54,16 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward pass")
+    learn = p.add_argument_group("learned method")
+    defaults = LearnOptions()
+    learn.add_argument("--steps", type=int, default=defaults.steps, help="threshold-phase steps at most")
+    learn.add_argument("--recovery-steps", type=int, default=defaults.recovery_steps, help="factor-training steps")
+    learn.add_argument("--lr", type=float, default=defaults.lr, help="learning rate, relative to each tensor's scale")
+    learn.add_argument("--threshold-lr", type=float, default=defaults.threshold_lr)
+    learn.add_argument("--compression", type=float, default=defaults.compression, help="weight of exp(-threshold)")
+    learn.add_argument("--train-batch-size", type=int, default=defaults.batch_size, help="blocks per training step")
+    learn.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps, 0: never")
+    learn.add_argument("--resume", action="store_true", help="continue from OUTPUT.train-state of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the validated checkpoint to the Hub")
     p.add_argument("--private", action="store_true", help="make the Hub repository private")
@@ -59,6 +75,16 @@ def convert_main(argv: list[str] | None = None) -> int:
     from .convert import ConvertOptions, convert
 
     args = convert_parser().parse_args(argv)
+    learn = LearnOptions(
+        steps=args.steps,
+        recovery_steps=args.recovery_steps,
+        lr=args.lr,
+        threshold_lr=args.threshold_lr,
+        compression=args.compression,
+        batch_size=args.train_batch_size,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
     options = ConvertOptions(
         model=args.model,
         output=args.output,
@@ -77,6 +103,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         device=args.device,
         batch_size=args.batch_size,
+        learn=learn,
+        resume=args.resume,
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
         private=args.private,

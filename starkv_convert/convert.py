@@ -3,9 +3,12 @@
 import json
 import platform
 import re
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +16,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .build import latent_state_dict, starkv_config
+from .build import build_model, latent_state_dict, starkv_config
 from .calibration import calibration_data
 from .card import render_model_card
 from .errors import StarKVError
+from .evaluate import perplexity
 from .export import atomic_output, write_checkpoint
 from .factorize import LayerFactors, factorize_layer, whitening_factor
 from .families import head_dim
+from .learn import Budgets, LearnOptions, learn_ranks
 from .loading import (
     ModelSource,
     eos_token_id,
@@ -30,12 +35,13 @@ from .loading import (
     resolve_dtype,
     resolve_source,
 )
+from .plot import RANKS_PLOT, plot_ranks
 from .push import REPORT, push_to_hub
-from .ranks import ModelShape, RankPlan, energy_ranks, make_budget, parse_skip_layers, uniform_ranks
+from .ranks import Budget, ModelShape, RankPlan, energy_ranks, make_budget, parse_skip_layers, uniform_ranks
 from .statistics import attention_input_moments
 from .validation import validate_checkpoint
 
-METHODS = ("energy", "uniform")
+METHODS = ("learned", "energy", "uniform")
 INITS = ("whitened", "svd")
 
 
@@ -48,7 +54,7 @@ class ConvertOptions:
     kv_ratio: float = 0.5
     k_ratio: float | None = None
     v_ratio: float | None = None
-    method: str = "energy"
+    method: str = "learned"
     init: str = "whitened"
     damp: float = 0.001
     calibration: str | None = None
@@ -60,6 +66,8 @@ class ConvertOptions:
     dtype: str = "auto"
     device: str = "auto"
     batch_size: int = 4
+    learn: LearnOptions = field(default_factory=LearnOptions)
+    resume: bool = False
     overwrite: bool = False
     push_to_hub: str | None = None
     private: bool = False
@@ -86,6 +94,13 @@ def check_options(options: ConvertOptions) -> None:
         raise StarKVError(f"--damp must be in [0, 1), got {options.damp}")
     if options.calibration_samples < 1 or options.seq_len < 2 or options.eval_samples < 0:
         raise StarKVError("--calibration-samples must be >= 1, --seq-len >= 2 and --eval-samples >= 0")
+    learn = options.learn
+    if learn.steps < 0 or learn.recovery_steps < 0 or learn.batch_size < 1 or learn.checkpoint_every < 0:
+        raise StarKVError("--steps, --recovery-steps and --checkpoint-every must be >= 0, --train-batch-size >= 1")
+    if not (learn.lr > 0 and learn.threshold_lr > 0 and learn.compression >= 0):
+        raise StarKVError("--lr and --threshold-lr must be > 0 and --compression >= 0")
+    if options.resume and options.method != "learned":
+        raise StarKVError("--resume continues the training of --method learned; drop it for other methods")
     if options.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", options.push_to_hub):
         raise StarKVError(f"--push-to-hub {options.push_to_hub!r}: expected ORG/NAME")
     resolve_dtype(options.dtype)
@@ -120,10 +135,32 @@ def factorize_model(
 def choose_ranks(
     factors: dict[int, LayerFactors], shape: ModelShape, skip: list[int], options: ConvertOptions
 ) -> RankPlan:
+    """Ranks by a rule: uniform, or whitened energy (the starting point of `learned`)."""
     budget = make_budget(shape, skip, options.kv_ratio, options.k_ratio, options.v_ratio)
     if options.method == "uniform":
         return uniform_ranks(shape, skip, budget)
     return energy_ranks(factors, shape, skip, budget)
+
+
+def side_budgets(budget: Budget, energy_plan: RankPlan) -> Budgets:
+    """Key and value budgets of the learned method: as given, or split as the whitened energy allocation splits
+    the joint budget (keys usually get less than half: they are more compressible)."""
+    if budget.total is None:
+        return Budgets(k=budget.k, v=budget.v)
+    k = sum(sum(r) for r in energy_plan.k if r is not None)
+    return Budgets(k=k, v=budget.total - k)
+
+
+def state_folder(output: Path) -> Path:
+    """Where the learned method keeps its training state for --resume (beside the output folder)."""
+    output = Path(output).expanduser().absolute()
+    return output.with_name(f"{output.name}.train-state")
+
+
+def learn_settings(options: ConvertOptions, source: ModelSource) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state."""
+    keys = ("kv_ratio", "k_ratio", "v_ratio", "init", "damp", "calibration", "calibration_samples", "seq_len")
+    return {"model": str(source.path), "gguf": source.gguf_file, **{k: getattr(options, k) for k in keys}}
 
 
 def _environment(device: str) -> dict[str, str]:
@@ -175,7 +212,10 @@ def build_report(
             "init": options.init,
             "damp": options.damp,
             "skip_layers": skip,
+            "k_values": sum(sum(k) for k in plan.k if k is not None),
+            "v_values": sum(v for v in plan.v if v is not None),
         },
+        "learning": _learning_report(options, measured) if options.method == "learned" else None,
         "ranks": {"k": plan.k, "v": plan.v},
         "kv_cache": {
             "values_per_token": {"base": base_values, "starkv": plan.floats_per_token(shape)},
@@ -192,6 +232,7 @@ def build_report(
         "metrics": {
             "perplexity": {
                 "base": measured.get("perplexity_base"),
+                "init": measured.get("perplexity_init"),
                 "starkv": measured.get("perplexity_starkv"),
                 "data": f"{held_out} held-out blocks of {options.seq_len} tokens that follow the calibration blocks",
                 "tokens": held_out * (options.seq_len - 1),
@@ -201,6 +242,19 @@ def build_report(
         "timings_s": timings,
         "command": options.command,
         "environment": _environment(device),
+    }
+
+
+def _learning_report(options: ConvertOptions, measured: dict[str, Any]) -> dict[str, Any]:
+    history = measured.get("learn_history") or []
+    phase1 = [h for h in history if h["phase"] == 1]
+    return {
+        "settings": asdict(options.learn),
+        "threshold_steps": len(phase1),
+        "recovery_steps": len(history) - len(phase1),
+        "kd_first": history[0]["kd"] if history else None,
+        "kd_last": history[-1]["kd"] if history else None,
+        "tokens_per_step": options.learn.batch_size * options.seq_len,
     }
 
 
@@ -243,7 +297,7 @@ def convert(options: ConvertOptions) -> Path:
         timings[name] = round(now - since, 2)
         return now
 
-    with atomic_output(output, options.overwrite) as staging:
+    with _resume_hint(options, output), atomic_output(output, options.overwrite) as staging:
         t = time.perf_counter()
         _log(options, f"loading {source.path}{'/' + source.gguf_file if source.gguf_file else ''} on {device}")
         tokenizer = load_tokenizer(source)
@@ -270,19 +324,27 @@ def convert(options: ConvertOptions) -> Path:
         t = lap("statistics", t)
         factors = factorize_model(model, moments, skip, options.damp, options.progress)
         plan = choose_ranks(factors, shape, skip, options)
-        _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
         t = lap("factorize", t)
+        if options.method == "learned":
+            learned, measured_init = _learn(model, factors, plan, shape, skip, calibration, output, source, options)
+            factors, plan = learned.factors, learned.plan
+            t = lap("learn", t)
+        _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
 
         config = starkv_config(model.config, plan, dtype)
         state = latent_state_dict(model.state_dict(), factors, plan, dtype)
         del factors, moments
         write_checkpoint(staging, config, state, tokenizer, model.generation_config)
+        plot_ranks(plan, shape, staging / RANKS_PLOT, f"{options.method} ranks, kv-ratio {plan.ratio(shape):.3f}")
         del state
         t = lap("export", t)
 
         eval_blocks = calibration.eval_blocks if len(calibration.eval_blocks) else calibration.blocks[-1:]
         _log(options, "validating the checkpoint as users load it")
         measured, problems = validate_checkpoint(staging, model, eval_blocks, device, options.progress)
+        if options.method == "learned":
+            measured["perplexity_init"] = measured_init
+            measured["learn_history"] = learned.history
         t = lap("validate", t)
         timings["total"] = round(time.perf_counter() - start, 2)
         report = build_report(
@@ -303,6 +365,8 @@ def convert(options: ConvertOptions) -> Path:
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         (staging / "README.md").write_text(render_model_card(report, options.push_to_hub))
 
+    if options.method == "learned" and not problems:
+        shutil.rmtree(state_folder(output), ignore_errors=True)
     _log(options, f"wrote {output} in {timings['total']:.0f} s")
     if problems:
         raise ConversionFailed(f"{output} failed validation: {'; '.join(problems)}")
@@ -310,3 +374,55 @@ def convert(options: ConvertOptions) -> Path:
         url = push_to_hub(output, options.push_to_hub, private=options.private)
         _log(options, f"pushed to {url}")
     return output
+
+
+@contextmanager
+def _resume_hint(options: ConvertOptions, output: Path) -> Iterator[None]:
+    """On Ctrl-C, says where the learned method's training state was kept (the output folder never is written)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        state = state_folder(output)
+        if options.method == "learned" and (state / "state.json").exists():
+            raise KeyboardInterrupt(f"; training state kept in {state}: add --resume to continue") from None
+        raise
+
+
+def _learn(
+    model: Any,
+    factors: dict[int, LayerFactors],
+    energy_plan: RankPlan,
+    shape: ModelShape,
+    skip: list[int],
+    calibration: Any,
+    output: Path,
+    source: ModelSource,
+    options: ConvertOptions,
+) -> tuple[Any, float | None]:
+    """Runs the learned method; also measures the held-out perplexity of its whitened-energy starting point."""
+    budgets = side_budgets(make_budget(shape, skip, options.kv_ratio, options.k_ratio, options.v_ratio), energy_plan)
+    eval_blocks = calibration.eval_blocks if len(calibration.eval_blocks) else calibration.blocks[-1:]
+    device = next(model.parameters()).device
+    start = build_model(
+        starkv_config(model.config, energy_plan, next(model.parameters()).dtype),
+        latent_state_dict(model.state_dict(), factors, energy_plan, next(model.parameters()).dtype),
+        device,
+    )
+    init_ppl = perplexity(start, eval_blocks)
+    del start
+    state_dir = state_folder(output)
+    _log(options, f"learning ranks: keys {budgets.k}, values {budgets.v} values per token; start ppl {init_ppl:.2f}")
+    _log(options, f"training state goes to {state_dir} (continue an interrupted run with --resume)")
+    learned = learn_ranks(
+        model,
+        factors,
+        shape,
+        budgets,
+        calibration.blocks,
+        options.learn,
+        state_dir=state_dir,
+        resume=options.resume,
+        settings=learn_settings(options, source),
+        progress=options.progress,
+    )
+    return learned, init_ppl

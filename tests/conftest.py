@@ -66,6 +66,7 @@ def base_dir(tmp_path_factory, tokenizer) -> Callable[[str], Path]:
 def converted(tmp_path_factory, base_dir, corpus) -> Callable[..., Path]:
     """(family, **options) -> folder of the converted checkpoint (each combination converted once)."""
     from starkv_convert.convert import ConvertOptions, convert
+    from starkv_convert.learn import LearnOptions
 
     done: dict[str, Path] = {}
 
@@ -74,6 +75,7 @@ def converted(tmp_path_factory, base_dir, corpus) -> Callable[..., Path]:
         if key not in done:
             out = tmp_path_factory.mktemp("converted") / f"{family}-starkv"
             settings = {"calibration_samples": 8, "seq_len": 64, "eval_samples": 2, "progress": False, **options}
+            settings.setdefault("learn", LearnOptions(steps=6, recovery_steps=3))  # the default method, kept short
             convert(ConvertOptions(model=str(base_dir(family)), output=str(out), calibration=str(corpus), **settings))
             done[key] = out
         return done[key]
@@ -89,6 +91,7 @@ def family(request) -> str:
 def quick_convert_args(base, out, corpus, *extra: str) -> list[str]:
     """starkv-convert arguments for a fast conversion of a tiny model on the test corpus."""
     fast = ["--calibration", str(corpus), "--calibration-samples", "4", "--seq-len", "32", "--eval-samples", "1", "-q"]
+    fast += ["--steps", "4", "--recovery-steps", "2"]
     return [str(base), "-o", str(out), *fast, *extra]
 
 

@@ -102,9 +102,18 @@ def test_interrupt_leaves_nothing(monkeypatch, capsys, tmp_path, base_dir, corpu
 
     monkeypatch.setattr(convert_module, "write_checkpoint", interrupted)
     out = tmp_path / "out" / "model"
-    code = convert_main(quick_convert_args(base_dir("llama"), out, corpus))
+    code = convert_main(quick_convert_args(base_dir("llama"), out, corpus, "--method", "energy"))
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+    # the learned method keeps only its (complete) training state, for --resume
+    code = convert_main(quick_convert_args(base_dir("llama"), out, corpus))
+    assert code == 130 and "--resume" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["model.train-state"]
+    assert sorted(p.name for p in (tmp_path / "out" / "model.train-state").iterdir()) == [
+        "state.json",
+        "state.safetensors",
+    ]
 
 
 def test_eval_corrupt_checkpoint(capsys, tmp_path, converted, corpus):
