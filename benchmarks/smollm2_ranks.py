@@ -127,7 +127,7 @@ def main() -> None:
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    commit_id = commit.stdout.strip() or os.environ.get("STARKV_COMMIT", "")
+    commit_id = os.environ.get("STARKV_COMMIT") or commit.stdout.strip()
     result = {
         "commit": commit_id,
         "command": "python benchmarks/smollm2_ranks.py " + " ".join(sys.argv[1:]),
