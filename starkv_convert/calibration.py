@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import StarKVError
+from .placement import input_device
 
 TEXT_COLUMNS = ("text", "content", "document", "article", "body", "sentence", "passage", "story")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -180,7 +181,7 @@ def sample_from_model(
     model: Any, tokenizer: Any, n_blocks: int, seq_len: int, seed: int, batch_size: int = 64, progress: bool = True
 ) -> torch.Tensor:
     """(n_blocks, seq_len) tokens sampled from the model (temperature 1, top-p 0.95), each from a random token."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     allowed = torch.tensor([i for i in range(model.config.vocab_size) if i not in special])
     generator = torch.Generator().manual_seed(seed)

@@ -58,6 +58,12 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (as stored), float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=4, help="calibration blocks per forward pass")
+    p.add_argument(
+        "--device-map",
+        choices=["auto"],
+        help="spread the model over the GPUs, CPU memory and disk with accelerate (models larger than one GPU)",
+    )
+    p.add_argument("--max-memory", help="with --device-map auto: memory per device, e.g. 0:20GiB,1:20GiB,cpu:64GiB")
     learn = p.add_argument_group("learned method")
     defaults = LearnOptions()
     gpu, cpu = GPU_SIZES, CPU_SIZES
@@ -109,6 +115,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         skip_layers=args.skip_layers,
         dtype=args.dtype,
         device=args.device,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
         batch_size=args.batch_size,
         learn=learn,
         resume=args.resume,

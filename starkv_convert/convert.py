@@ -16,11 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .build import build_model, latent_state_dict, starkv_config
+from .build import latent_state_dict, starkv_config
 from .calibration import calibration_data
 from .card import render_model_card
 from .errors import StarKVError
-from .evaluate import perplexity
 from .export import atomic_output, write_checkpoint
 from .factorize import LayerFactors, factorize_layer, whitening_factor
 from .families import head_dim
@@ -35,6 +34,7 @@ from .loading import (
     resolve_dtype,
     resolve_source,
 )
+from .placement import full_state_dict, module_tensor, parse_max_memory
 from .plot import RANKS_PLOT, plot_ranks
 from .push import REPORT, push_to_hub
 from .ranks import Budget, ModelShape, RankPlan, energy_ranks, make_budget, parse_skip_layers, uniform_ranks
@@ -65,6 +65,8 @@ class ConvertOptions:
     skip_layers: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None  # "auto": accelerate spreads the model over GPUs, CPU memory and disk
+    max_memory: str | None = None  # with device_map: "0:20GiB,cpu:64GiB"
     batch_size: int = 4
     learn: LearnOptions = field(default_factory=LearnOptions)
     resume: bool = False
@@ -104,6 +106,14 @@ def check_options(options: ConvertOptions) -> None:
     if options.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", options.push_to_hub):
         raise StarKVError(f"--push-to-hub {options.push_to_hub!r}: expected ORG/NAME")
     resolve_dtype(options.dtype)
+    if options.device_map not in (None, "auto"):
+        raise StarKVError(f"--device-map {options.device_map!r}: only 'auto' is supported")
+    if options.max_memory and options.device_map is None:
+        raise StarKVError("--max-memory applies with --device-map auto: add it")
+    try:
+        parse_max_memory(options.max_memory)
+    except ValueError as e:
+        raise StarKVError(str(e)) from None
 
 
 def resolve_sizes(options: ConvertOptions, device: str) -> ConvertOptions:
@@ -137,7 +147,10 @@ def factorize_model(
             continue
         whitening = whitening_factor(moments[i], damp) if moments is not None else None
         attn = layer.self_attn
-        factors[i] = factorize_layer(attn.k_proj.weight, attn.v_proj.weight, kv_heads, whitening)
+        k_weight, v_weight = module_tensor(attn.k_proj, "weight"), module_tensor(attn.v_proj, "weight")
+        if whitening is not None:
+            k_weight, v_weight = k_weight.to(whitening.device), v_weight.to(whitening.device)
+        factors[i] = factorize_layer(k_weight, v_weight, kv_heads, whitening)
     return factors
 
 
@@ -164,6 +177,23 @@ def state_folder(output: Path) -> Path:
     """Where the learned method keeps its training state for --resume (beside the output folder)."""
     output = Path(output).expanduser().absolute()
     return output.with_name(f"{output.name}.train-state")
+
+
+def offload_folder(output: Path) -> Path:
+    """Where accelerate offloads layers that fit neither GPU nor CPU memory (removed after the conversion)."""
+    output = Path(output).expanduser().absolute()
+    return output.with_name(f"{output.name}.offload")
+
+
+def placement(options: ConvertOptions, output: Path) -> dict[str, Any] | None:
+    """accelerate's loading arguments for --device-map auto, else None."""
+    if options.device_map is None:
+        return None
+    return {
+        "device_map": options.device_map,
+        "max_memory": parse_max_memory(options.max_memory),
+        "offload_folder": str(offload_folder(output)),
+    }
 
 
 def learn_settings(options: ConvertOptions, source: ModelSource) -> dict[str, Any]:
@@ -311,7 +341,7 @@ def convert(options: ConvertOptions) -> Path:
         t = time.perf_counter()
         _log(options, f"loading {source.path}{'/' + source.gguf_file if source.gguf_file else ''} on {device}")
         tokenizer = load_tokenizer(source)
-        model = load_model(source, resolve_dtype(options.dtype), device)
+        model = load_model(source, resolve_dtype(options.dtype), device, placement(options, output))
         dtype = next(model.parameters()).dtype
         t = lap("load", t)
 
@@ -342,7 +372,7 @@ def convert(options: ConvertOptions) -> Path:
         _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
 
         config = starkv_config(model.config, plan, dtype)
-        state = latent_state_dict(model.state_dict(), factors, plan, dtype)
+        state = latent_state_dict(full_state_dict(model), factors, plan, dtype)
         del factors, moments
         write_checkpoint(staging, config, state, tokenizer, model.generation_config)
         plot_ranks(plan, shape, staging / RANKS_PLOT, f"{options.method} ranks, kv-ratio {plan.ratio(shape):.3f}")
@@ -351,7 +381,10 @@ def convert(options: ConvertOptions) -> Path:
 
         eval_blocks = calibration.eval_blocks if len(calibration.eval_blocks) else calibration.blocks[-1:]
         _log(options, "validating the checkpoint as users load it")
-        measured, problems = validate_checkpoint(staging, model, eval_blocks, device, options.progress)
+        # an offloaded conversion validates on the CPU: the checkpoint's attention reads its up-projection weights
+        # directly, which accelerate's offload hooks do not bring in (spreading over GPUs works)
+        check_device = "cpu" if options.device_map else device
+        measured, problems = validate_checkpoint(staging, model, eval_blocks, check_device, options.progress)
         if options.method == "learned":
             measured["perplexity_init"] = measured_init
             measured["learn_history"] = learned.history
@@ -375,6 +408,7 @@ def convert(options: ConvertOptions) -> Path:
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         (staging / "README.md").write_text(render_model_card(report, options.push_to_hub))
 
+    shutil.rmtree(offload_folder(output), ignore_errors=True)
     if options.method == "learned" and not problems:
         shutil.rmtree(state_folder(output), ignore_errors=True)
     _log(options, f"wrote {output} in {timings['total']:.0f} s")
@@ -388,12 +422,14 @@ def convert(options: ConvertOptions) -> Path:
 
 @contextmanager
 def _resume_hint(options: ConvertOptions, output: Path) -> Iterator[None]:
-    """On Ctrl-C, says where the learned method's training state was kept (the output folder never is written)."""
+    """On any failure, removes the offload folder; on Ctrl-C, also says where the learned method's training state
+    was kept (the output folder itself is never half-written)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except BaseException as e:
+        shutil.rmtree(offload_folder(output), ignore_errors=True)
         state = state_folder(output)
-        if options.method == "learned" and (state / "state.json").exists():
+        if isinstance(e, KeyboardInterrupt) and options.method == "learned" and (state / "state.json").exists():
             raise KeyboardInterrupt(f"; training state kept in {state}: add --resume to continue") from None
         raise
 
@@ -412,16 +448,8 @@ def _learn(
     """Runs the learned method; also measures the held-out perplexity of its whitened-energy starting point."""
     budgets = side_budgets(make_budget(shape, skip, options.kv_ratio, options.k_ratio, options.v_ratio), energy_plan)
     eval_blocks = calibration.eval_blocks if len(calibration.eval_blocks) else calibration.blocks[-1:]
-    device = next(model.parameters()).device
-    start = build_model(
-        starkv_config(model.config, energy_plan, next(model.parameters()).dtype),
-        latent_state_dict(model.state_dict(), factors, energy_plan, next(model.parameters()).dtype),
-        device,
-    )
-    init_ppl = perplexity(start, eval_blocks)
-    del start
     state_dir = state_folder(output)
-    _log(options, f"learning ranks: keys {budgets.k}, values {budgets.v} values per token; start ppl {init_ppl:.2f}")
+    _log(options, f"learning ranks: keys {budgets.k}, values {budgets.v} values per token")
     _log(options, f"training state goes to {state_dir} (continue an interrupted run with --resume)")
     learned = learn_ranks(
         model,
@@ -434,5 +462,7 @@ def _learn(
         resume=options.resume,
         settings=learn_settings(options, source),
         progress=options.progress,
+        init_plan=energy_plan,
+        eval_blocks=eval_blocks,
     )
-    return learned, init_ppl
+    return learned, learned.perplexity_init

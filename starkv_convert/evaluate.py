@@ -11,12 +11,13 @@ from tqdm.auto import tqdm
 
 from .errors import StarKVError
 from .loading import ModelSource, load_tokenizer, resolve_device, resolve_dtype, resolve_source
+from .placement import input_device
 
 
 @torch.no_grad()
 def perplexity(model: Any, blocks: torch.Tensor, batch_size: int = 1, progress: bool = False) -> float:
     """exp(mean next-token NLL) over (n, seq_len) independent windows, every position but the first predicted."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll, count = 0.0, 0
     for batch in tqdm(blocks.split(batch_size), desc="perplexity", unit="window", disable=not progress):
         batch = batch.to(device)
@@ -36,8 +37,7 @@ def cache_nbytes(cache: Any) -> int:
 @torch.no_grad()
 def kv_cache_bytes_per_token(model: Any, input_ids: torch.Tensor) -> float:
     """Cache bytes per token after one forward pass over `input_ids` (batch, tokens) with use_cache=True."""
-    device = next(model.parameters()).device
-    out = model(input_ids=input_ids.to(device), use_cache=True)
+    out = model(input_ids=input_ids.to(input_device(model)), use_cache=True)
     return cache_nbytes(out.past_key_values) / input_ids.numel()
 
 

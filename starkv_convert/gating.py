@@ -24,19 +24,26 @@ class GatedProjection(nn.Module):
     (+ the original bias). `original` is kept (frozen) to compute the teacher's output while `bypass` is set.
     """
 
-    def __init__(self, blocks: list[Factorization], original: nn.Linear, beta: float = BETA):
+    def __init__(
+        self, blocks: list[Factorization], original: nn.Linear, beta: float = BETA, device: torch.device | None = None
+    ):
         super().__init__()
-        s = torch.stack([f.energy.clamp_min(0).sqrt() for f in blocks]).float()  # (blocks, n)
+        s = torch.stack([f.energy.clamp_min(0).sqrt() for f in blocks]).float().to(device)  # (blocks, n)
         ref = s.amax(dim=1, keepdim=True).clamp_min(1e-12)
-        down = torch.stack([f.down for f in blocks]).float() / s[..., None].clamp_min(1e-12)
+        down = torch.stack([f.down for f in blocks]).float().to(device) / s[..., None].clamp_min(1e-12)
         self.original = original
+        bias = original.bias
+        if bias is not None and bias.device.type == "meta":  # offloaded by accelerate: read it from its store
+            bias = original._hf_hook.weights_map["bias"]
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device, copy=True), persistent=False)
         self.beta = beta
         self.bypass = False
         self.register_buffer("ref", ref)
-        self.up = nn.Parameter(torch.stack([f.up for f in blocks]).float().contiguous(), requires_grad=False)
+        up = torch.stack([f.up for f in blocks]).float().to(device)
+        self.up = nn.Parameter(up.contiguous(), requires_grad=False)
         self.down = nn.Parameter(down.contiguous(), requires_grad=False)  # (blocks, n, in): rows of unit gain
         self.scaled = nn.Parameter(s / ref, requires_grad=False)  # s / ref, in [0, 1] at the start
-        self.threshold = nn.Parameter(torch.zeros(s.shape[0]), requires_grad=False)
+        self.threshold = nn.Parameter(torch.zeros(s.shape[0], device=s.device), requires_grad=False)
         self.register_buffer("fixed_gain", None)  # set by fix_ranks(): (blocks, n), 0 where pruned
 
     @property
@@ -74,8 +81,8 @@ class GatedProjection(nn.Module):
             return self.original(x)
         latent = torch.einsum("...i,bni->...bn", x.to(self.down.dtype), self.down) * self.gain()
         out = torch.einsum("...bn,bon->...bo", latent, self.up).flatten(-2)
-        if self.original.bias is not None:
-            out = out + self.original.bias
+        if self.bias is not None:
+            out = out + self.bias
         return out.to(x.dtype)
 
     @torch.no_grad()

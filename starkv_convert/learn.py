@@ -26,8 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .errors import StarKVError
+from .evaluate import perplexity
 from .factorize import LayerFactors
 from .gating import BETA, GatedProjection
+from .placement import execution_device, input_device
 from .ranks import ModelShape, RankPlan
 
 
@@ -75,6 +77,7 @@ class LearnResult:
     factors: dict[int, LayerFactors]
     plan: RankPlan
     history: list[dict[str, float]]
+    perplexity_init: float | None = None  # of the starting point (`init_plan`), when measured
 
 
 # --- the student ----------------------------------------------------------------------------------------------------
@@ -83,11 +86,11 @@ class LearnResult:
 def install_gates(model: Any, factors: dict[int, LayerFactors], beta: float) -> dict[int, tuple[GatedProjection, ...]]:
     """Replaces k_proj/v_proj of the factorized layers with gated projections; returns them per layer."""
     gates = {}
-    device = next(model.parameters()).device
     for index, f in factors.items():
         attn = model.model.layers[index].self_attn
-        k = GatedProjection(f.k, attn.k_proj, beta).to(device)
-        v = GatedProjection([f.v], attn.v_proj, beta).to(device)
+        device = execution_device(attn.k_proj)  # the layer's own device when accelerate spreads the model
+        k = GatedProjection(f.k, attn.k_proj, beta, device)
+        v = GatedProjection([f.v], attn.v_proj, beta, device)
         attn.k_proj, attn.v_proj = k, v
         gates[index] = (k, v)
     return gates
@@ -294,13 +297,17 @@ def learn_ranks(
     resume: bool = False,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
+    init_plan: RankPlan | None = None,
+    eval_blocks: torch.Tensor | None = None,
 ) -> LearnResult:
     """
     Learns ranks (and factors) for the factorized layers under separate key/value budgets; leaves `model` as it
     found it. `state_dir`: where training state is saved every `options.checkpoint_every` steps; with `resume`,
-    training continues from the state found there (made with the same `settings`).
+    training continues from the state found there (made with the same `settings`). With `init_plan` and
+    `eval_blocks`, the perplexity of the starting point (the factors truncated to `init_plan`'s ranks) is measured
+    first, through the same gated model (no second copy of the model).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     cuda = device.type == "cuda"
     options = options.resolved(cuda)
     use_autocast = cuda if options.autocast is None else options.autocast
@@ -330,6 +337,9 @@ def learn_ranks(
 
     if optimizer is None:
         optimizer = _optimizer(gates, phase, options)
+    perplexity_init = None
+    if init_plan is not None and eval_blocks is not None:
+        perplexity_init = _plan_perplexity(model, gates, init_plan, eval_blocks)
     for side in "kv":
         if frozen[side]:
             for g in sides[side]:
@@ -404,4 +414,22 @@ def learn_ranks(
             model.gradient_checkpointing_disable()
         model.train(was_training)
         remove_gates(model, gates)
-    return LearnResult(factors=learned, plan=plan, history=history)
+    return LearnResult(factors=learned, plan=plan, history=history, perplexity_init=perplexity_init)
+
+
+@torch.no_grad()
+def _plan_perplexity(model: Any, gates: dict, plan: RankPlan, blocks: torch.Tensor) -> float:
+    """Perplexity of the model whose blocks keep their leading components, as many as `plan` says."""
+    saved = {id(g): g.fixed_gain for pair in gates.values() for g in pair}
+    for index, (k, v) in gates.items():
+        for g, ranks in ((k, plan.k[index]), (v, [plan.v[index]])):
+            keep = torch.arange(g.scaled.shape[1], device=g.scaled.device)[None, :] < torch.tensor(ranks)[:, None].to(
+                g.scaled.device
+            )
+            g.fixed_gain = g.ref * g.scaled * keep
+    try:
+        return perplexity(model, blocks)
+    finally:
+        for pair in gates.values():
+            for g in pair:
+                g.fixed_gain = saved[id(g)]

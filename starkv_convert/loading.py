@@ -92,13 +92,20 @@ def load_config(source: ModelSource) -> Any:
     return config
 
 
-def load_model(source: ModelSource, dtype: torch.dtype | None, device: str) -> torch.nn.Module:
-    """The base causal LM in `dtype` (None: as stored) on `device`, in eval mode."""
+def load_model(
+    source: ModelSource, dtype: torch.dtype | None, device: str, placement: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """
+    The base causal LM in `dtype` (None: as stored) on `device`, in eval mode. `placement`: accelerate's
+    `device_map`/`max_memory`/`offload_folder` to spread the model over GPUs, CPU memory and disk instead.
+    """
     from transformers import AutoModelForCausalLM
 
     kwargs = source.load_kwargs()
     kwargs["dtype"] = dtype if dtype is not None else "auto"
-    if device != "cpu":
+    if placement:
+        kwargs.update(placement)
+    elif device != "cpu":
         kwargs["device_map"] = device
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)

@@ -3,6 +3,8 @@
 import torch
 from tqdm.auto import tqdm
 
+from .placement import input_device
+
 
 @torch.no_grad()
 def attention_input_moments(
@@ -16,14 +18,16 @@ def attention_input_moments(
         blocks: (n, seq_len) token ids, every position a real token.
     """
     layers = model.model.layers
-    device = next(model.parameters()).device
+    device = input_device(model)
     hidden = model.config.hidden_size
-    sums = [torch.zeros(hidden, hidden, dtype=torch.float64, device=device) for _ in layers]
+    sums: list[torch.Tensor | None] = [None] * len(layers)  # on each layer's device (models may be spread)
     count = 0
 
     def hook_for(index: int):
         def hook(module, args):
             x = args[0].reshape(-1, hidden).double()
+            if sums[index] is None:
+                sums[index] = torch.zeros(hidden, hidden, dtype=torch.float64, device=x.device)
             sums[index].addmm_(x.T, x)
 
         return hook

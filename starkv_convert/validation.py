@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .evaluate import kv_cache_bytes_per_token, perplexity
+from .placement import full_state_dict
 
 
 def load_checkpoint(folder: Path, device: str) -> tuple[Any, dict[str, list]]:
@@ -23,14 +24,18 @@ def load_checkpoint(folder: Path, device: str) -> tuple[Any, dict[str, list]]:
 def unchanged_tensor_problems(model: Any, base_state: dict[str, torch.Tensor]) -> list[str]:
     """Tensors the checkpoint shares by name with the base model that are not bit-identical to it."""
     problems = []
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full_state_dict(model).items():
         if name in base_state and not torch.equal(tensor.cpu(), base_state[name].cpu()):
             problems.append(f"{name} differs from the base model")
     return problems
 
 
 def validate_checkpoint(
-    folder: Path, base_model: Any, eval_blocks: torch.Tensor, device: str, progress: bool = True
+    folder: Path,
+    base_model: Any,
+    eval_blocks: torch.Tensor,
+    device: str,
+    progress: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
     """Loads `folder` as a user would and measures it; returns (measurements, problems found)."""
     problems: list[str] = []
@@ -41,7 +46,7 @@ def validate_checkpoint(
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(kind):
             problems.append(f"{kind}: {sorted(map(str, info[kind]))[:5]}")
-    problems += unchanged_tensor_problems(model, base_model.state_dict())[:5]
+    problems += unchanged_tensor_problems(model, full_state_dict(base_model))[:5]
 
     sample = eval_blocks[:1]
     measured = {

@@ -195,3 +195,39 @@ def test_resume_needs_learned(base_dir, corpus, tmp_path, capsys):
     args = quick_convert_args(base_dir("llama"), tmp_path / "o", corpus, "--method", "energy", "--resume")
     assert convert_main(args) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_offloaded_model_converts_like_a_resident_one(base_dir, corpus, tmp_path):
+    """--device-map auto with too little memory puts layers on disk (accelerate); the result must not change."""
+    from safetensors.torch import load_file
+
+    base = base_dir("qwen2")
+    resident, offloaded = tmp_path / "resident", tmp_path / "offloaded"
+    assert convert_main(quick_convert_args(base, resident, corpus)) == 0
+    args = quick_convert_args(base, offloaded, corpus, "--device-map", "auto", "--max-memory", "cpu:150KB")
+    assert convert_main(args) == 0
+    report = json.loads((offloaded / "starkv_report.json").read_text())
+    assert report["validation"]["passed"]
+    a, b = load_file(resident / "model.safetensors"), load_file(offloaded / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not (tmp_path / "offloaded.offload").exists()
+
+
+def test_offload_really_offloads(base_dir):
+    from starkv_convert.loading import load_model, resolve_source
+    from starkv_convert.placement import full_state_dict, module_tensor
+
+    source = resolve_source(str(base_dir("qwen2")))
+    placement = {"device_map": "auto", "max_memory": {"cpu": "150KB"}, "offload_folder": None}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        placement["offload_folder"] = folder
+        model = load_model(source, None, "cpu", placement)
+        k_proj = model.model.layers[2].self_attn.k_proj
+        assert k_proj.weight.device.type == "meta"  # on disk
+        resident = load_model(source, None, "cpu")
+        assert torch.equal(module_tensor(k_proj, "weight"), resident.model.layers[2].self_attn.k_proj.weight)
+        full = full_state_dict(model)
+        assert all(torch.equal(full[k], v) for k, v in resident.state_dict().items())
