@@ -1,10 +1,12 @@
 """
 Where the decode kernel's time goes: per-kernel CUDA times (torch.profiler) and a sweep of launch settings on a few
-ANCHORS shapes. A development tool; decode_attention.py records the results that count.
+ANCHORS shapes, with the RoPE tables passed in as the model does. A development tool; decode_attention.py records
+the results that count.
 
-    python benchmarks/profile_decode.py
+    python benchmarks/profile_decode.py [--rows 7 3] [--quick]
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,55 +18,76 @@ from decode_attention import ROWS, latent_inputs  # noqa: E402
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
 kernels = import_remote("latent_decode")
+KERNELS = ("_fused_kernel", "_scores_kernel", "_values_kernel", "_merge_kernel")
 
 
-def profile(query, inputs, config) -> list[tuple[str, float]]:
+def profile(query, inputs, tables, config) -> dict[str, float]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     for _ in range(3):
-        kernels.latent_decode_attention(query, **inputs, config=config)
+        kernels.latent_decode_attention(query, **inputs, config=config, tables=tables)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
-            kernels.latent_decode_attention(query, **inputs, config=config)
+            kernels.latent_decode_attention(query, **inputs, config=config, tables=tables)
         torch.cuda.synchronize()
-    rows = [(e.key[:60], e.device_time_total / 10 / 1000) for e in prof.key_averages() if e.device_time_total > 0]
-    return sorted(rows, key=lambda r: -r[1])
+    return {e.key.strip(): e.device_time_total / 10 / 1000 for e in prof.key_averages() if e.device_time_total > 0}
 
 
-VARIANTS = {  # all with RoPE tables, as the model runs it; the "scores" column is the one to compare
-    "tables (default launch)": {"rope_table": True},
-    "3 stages": {"rope_table": True, "scores_stages_tables": 3},
-    "4 stages": {"rope_table": True, "scores_stages_tables": 4},
-    "8 warps": {"rope_table": True, "scores_warps": 8},
-    "8 warps, 3 stages": {"rope_table": True, "scores_warps": 8, "scores_stages_tables": 3},
-    "BT 32, 3 stages": {"rope_table": True, "block_tokens": 32, "scores_stages_tables": 3},
-    "scores 4 programs/SM": {"rope_table": True, "scores_programs_per_sm": 4},
-    "values 8 programs/SM": {"rope_table": True, "values_programs_per_sm": 8},
-    "values block 128": {"rope_table": True, "value_block": 128},
+OLD = {"rank_pad": 0, "aligned_latents": False, "value_block": 64, "values_warps": 4}  # before this round
+VARIANTS = {  # the "scores" column compares the scores pass, "values" the values pass
+    "default": {},
+    "old settings": OLD,
+    "ranks to pow2 (64), aligned": {"rank_pad": 0},
+    "ranks 32+16, unaligned": {"aligned_latents": False},
+    "scores 16 programs/SM": {"scores_programs_per_sm": 16},
+    "values block 64, 4 warps": {"value_block": 64, "values_warps": 4},
+    "values block 128, 8 warps": {"value_block": 128, "values_warps": 8},
+    "fused BT 128, 1 stage": {"fused": True, "block_tokens": 128, "fused_stages": 1},
 }
+QUICK = {k: VARIANTS[k] for k in ("default", "old settings", "fused BT 128, 1 stage")}
+
+
+def report_registers() -> None:
+    """Registers and spills of every compiled variant (Triton's compiled-kernel metadata), where available."""
+    for name in KERNELS:
+        fn = getattr(kernels, name)
+        try:
+            for cache in fn.device_caches.values():
+                for compiled in cache[0].values():
+                    print(f"  {name}: {compiled.n_regs} registers, {compiled.n_spills} spills")
+        except Exception as e:  # the attribute layout changes between triton versions
+            print(f"  {name}: registers not available ({type(e).__name__})")
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, nargs="*", default=[7, 3])
+    p.add_argument("--quick", action="store_true", help="only the default, the old settings and fused")
+    args = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
-    for index in (7, 3, 4):
+    for index in args.rows:
         name, heads, kv_heads, batch, tokens = ROWS[index]
         inputs = latent_inputs(kv_heads, batch, tokens, g)
+        tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
-        print(f"\n== {name} B={batch} T={tokens}: ms per call (total of all kernels | scores | values | merge)")
-        for label, config in VARIANTS.items():
+        variants = QUICK if args.quick else VARIANTS
+        print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | fused | scores | values | merge)")
+        for label, config in variants.items():
+            if kv_heads == heads and config.get("fused"):
+                continue  # MHA: the fused accumulator (32 x 2048) does not fit
             try:
-                times = dict((k.strip(), ms) for k, ms in profile(query, inputs, config))
+                times = profile(query, inputs, tables, config)
             except Exception as e:  # e.g. out of resources for a large tile
-                print(f"  {label:24s} failed: {type(e).__name__}: {str(e)[:100]}")
+                print(f"  {label:38s} failed: {type(e).__name__}: {str(e)[:100]}")
                 continue
             print(
-                f"  {label:24s} {sum(times.values()):7.3f} | {times.get('_scores_kernel', 0):7.3f} | "
-                f"{times.get('_values_kernel', 0):7.3f} | {times.get('_merge_kernel', 0):7.3f}"
+                f"  {label:38s} {sum(times.values()):7.3f} | " + " | ".join(f"{times.get(k, 0):6.3f}" for k in KERNELS)
             )
-        inputs = None
+        inputs = tables = None
         torch.cuda.empty_cache()
+    report_registers()
 
 
 if __name__ == "__main__":

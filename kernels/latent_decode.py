@@ -6,18 +6,23 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
 
 1. `_scores_kernel`, one program per (KV head, context split, sequence): rebuilds that head's keys from its latents
    with its up-projection on the tensor cores (+ bias, + Qwen3's k-norm), rotates them at their cached positions
-   (RoPE from the model's `inv_freq` and attention scaling) and scores all G query heads of the head together: one
-   rebuild per KV head, never per query head. Scores go to a (B, Hq, T) fp32 buffer.
+   (RoPE from the model's cos/sin tables, else from `inv_freq`) and scores all G query heads of the head together:
+   one rebuild per KV head, never per query head. Scores go to a (B, Hq, T) fp32 buffer. The head's rank is covered
+   by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column at or before
+   the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
-   of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads. (The
-   value latent is joint across heads: fused into pass 1 it would be read again for every KV head.)
+   of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel` combines the splits; the aggregated latent is up-projected once per query head (METHOD.md: values
    stay latent under the softmax).
 
-RoPE: the angles of consecutive positions are built by angle addition from one exactly reduced angle per tile
-(cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a tile
-whose positions are not consecutive, and every fp32 call, takes the exact path (each angle reduced and evaluated).
-The scores buffer adds 8 bytes per token and query head to the bytes read; benchmarks/README.md has the numbers.
+`_fused_kernel` (opt-in, `config={"fused": True}`) does 1 and 2 in one pass per (context split, sequence) for all
+KV heads, so scores never leave the chip; on the H100 it is slower than the two passes (benchmarks/README.md: it
+must reload every KV head's up-projection for every tile and spills registers), so no shape takes it by default.
+
+RoPE without tables: the angles of consecutive positions are built by angle addition from one exactly reduced angle
+per tile (cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a
+tile whose positions are not consecutive, and every fp32 call, takes the exact path (each angle reduced and
+evaluated). The scores buffer adds 8 bytes per token and query head to the bytes read.
 """
 
 import os
@@ -120,45 +125,164 @@ if triton is not None:
         return tl.cos(angle), tl.sin(angle)
 
     @triton.jit
-    def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S, COS, SIN,
-        T, tiles_per_split,
-        stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
-        stride_cb, stride_ct,
-        scaling, rope_scale, eps,
-        G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, RMAX: tl.constexpr, BT: tl.constexpr,
-        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
-        PRECISION: tl.constexpr, PROBE: tl.constexpr = 0, ROPE_TABLE: tl.constexpr = False,
+    def _head_weights(
+        W, stride_wd, offset, rank, row_len, dims,
+        HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
-        head = tl.program_id(0)
-        split = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        rank = tl.load(RANKS + head)
-        offset = tl.load(OFFSETS + head)
-        r = tl.arange(0, RMAX)
-        dims = tl.arange(0, HALF)
-        g = tl.arange(0, GP)
-        i = tl.arange(0, BT)
+        """
+        A KV head's up-projection, transposed, as two power-of-two row chunks R1 + R2 that cover its rank (38 -> 32 +
+        16, not 64), each split into the halves RoPE pairs up: (R, HALF). Also the first latent column to read and how
+        many columns may be read from it. ALIGNED: the latents are read from the 8-aligned column at or before the
+        head's offset (16-byte loads), and the rows of the up-projection outside the head are zero instead.
+        """
+        if ALIGNED:
+            start = tl.multiple_of((offset // 8) * 8, 8)
+            lo = offset - start
+            limit = row_len - start
+        else:
+            start = offset
+            lo = 0
+            limit = rank
+        c = tl.arange(0, R1)
+        w_ptr = W + (start + c)[:, None] + dims[None, :] * stride_wd
+        w_mask = (c[:, None] >= lo) & (c[:, None] < lo + rank)
+        w1_lo = tl.load(w_ptr, mask=w_mask, other=0.0)
+        w1_hi = tl.load(w_ptr + HALF * stride_wd, mask=w_mask, other=0.0)
+        if R2 > 0:
+            c2 = R1 + tl.arange(0, R2)
+            w_ptr2 = W + (start + c2)[:, None] + dims[None, :] * stride_wd
+            w_mask2 = (c2[:, None] >= lo) & (c2[:, None] < lo + rank)
+            w2_lo = tl.load(w_ptr2, mask=w_mask2, other=0.0)
+            w2_hi = tl.load(w_ptr2 + HALF * stride_wd, mask=w_mask2, other=0.0)
+        else:
+            w2_lo = w1_lo
+            w2_hi = w1_hi
+        return start, limit, w1_lo, w1_hi, w2_lo, w2_hi
 
-        # this head's up-projection, transposed and split into the halves RoPE pairs up: (RMAX, HALF) each
-        w_ptr = W + (offset + r)[:, None] + dims[None, :] * stride_wd
-        w_lo = tl.load(w_ptr, mask=r[:, None] < rank, other=0.0)
-        w_hi = tl.load(w_ptr + HALF * stride_wd, mask=r[:, None] < rank, other=0.0)
-        # the G query heads of this KV head, transposed: (HALF, GP)
+    @triton.jit
+    def _head_keys(
+        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi,
+        R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores)."""
+        c = tl.arange(0, R1)
+        z = tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0)
+        k_lo = tl.dot(z, w1_lo, input_precision=PRECISION)
+        k_hi = tl.dot(z, w1_hi, input_precision=PRECISION)
+        if R2 > 0:
+            c2 = R1 + tl.arange(0, R2)
+            z2 = tl.load(
+                ZK + zrow[:, None] + (start + c2)[None, :], mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0
+            )
+            k_lo = tl.dot(z2, w2_lo, k_lo, input_precision=PRECISION)
+            k_hi = tl.dot(z2, w2_hi, k_hi, input_precision=PRECISION)
+        return k_lo, k_hi
+
+    @triton.jit
+    def _rotated_keys(
+        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+        HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_NORM: tl.constexpr, DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
+        k_lo, k_hi = _head_keys(ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, R1, R2, PRECISION)
+        if HAS_BIAS:
+            k_lo += bias_lo[None, :]
+            k_hi += bias_hi[None, :]
+        if HAS_NORM:
+            inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
+            k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
+            k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
+        return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
+
+    @triton.jit
+    def _head_setup(
+        Q, W, RANKS, OFFSETS, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+        G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        """What the scores pass keeps of a KV head across its tiles: weights, its G queries (transposed), bias."""
+        start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
+            W, stride_wd, tl.load(OFFSETS + head), tl.load(RANKS + head), row_len, dims, HALF, R1, R2, ALIGNED
+        )
         q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
-        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)
+        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
-        inv_freq = tl.load(INVF + dims)
-        if not EXACT_ROPE and not ROPE_TABLE:
-            step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
         if HAS_BIAS:
             bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
             bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
-        if HAS_NORM:
-            norm_lo = tl.load(NORMW + dims).to(tl.float32)
-            norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
+        else:
+            bias_lo = tl.zeros([HALF], tl.float32)
+            bias_hi = bias_lo
+        return start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi
 
-        checksum = 0.0
+    @triton.jit
+    def _head_tile_scores(
+        ZK, zrow, in_range, keep, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
+        stride_sh, stride_st,
+        G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    ):  # fmt: skip
+        """Scores of a KV head's G query heads over one tile, stored to the scores buffer."""
+        start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi = setup
+        rot_lo, rot_hi = _rotated_keys(
+            ZK, zrow, in_range, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, bias_lo, bias_hi, norm_lo, norm_hi, eps,
+            cos, sin, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype,
+        )  # fmt: skip
+        scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+        scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+        scores = tl.where(keep[:, None], scores, float("-inf"))
+        tl.store(
+            S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
+            scores,
+            mask=in_range[:, None] & (g[None, :] < G),
+        )
+
+    @triton.jit
+    def _scores_kernel(
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S, COS, SIN,
+        T, tiles_per_split, row_len,
+        stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
+        stride_cb, stride_ct,
+        scaling, rope_scale, eps,
+        G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
+        HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+        EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """
+        HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
+        the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads.
+        """
+        head0 = tl.program_id(0) * HPP
+        split = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        dims = tl.arange(0, HALF)
+        g = tl.arange(0, GP)
+        i = tl.arange(0, BT)
+        setup0 = _head_setup(
+            Q, W, RANKS, OFFSETS, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+        )  # fmt: skip
+        if HPP > 1:
+            setup1 = _head_setup(
+                Q, W, RANKS, OFFSETS, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+            )  # fmt: skip
+        if HPP > 2:
+            setup2 = _head_setup(
+                Q, W, RANKS, OFFSETS, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+            )  # fmt: skip
+            setup3 = _head_setup(
+                Q, W, RANKS, OFFSETS, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+            )  # fmt: skip
+        inv_freq = tl.load(INVF + dims)
+        if not EXACT_ROPE and not ROPE_TABLE:
+            step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
+        norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
+        norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
+
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
@@ -166,59 +290,47 @@ if triton is not None:
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-            z = tl.load(
-                ZK + b * stride_zb + t[:, None] * stride_zt + (offset + r)[None, :],
-                mask=in_range[:, None] & (r[None, :] < rank),
-                other=0.0,
-            )
-            k_lo = tl.dot(z, w_lo, input_precision=PRECISION)  # (BT, HALF) fp32
-            k_hi = tl.dot(z, w_hi, input_precision=PRECISION)
-            if HAS_BIAS:
-                k_lo += bias_lo[None, :]
-                k_hi += bias_hi[None, :]
-            if HAS_NORM:
-                inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
-                k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
-                k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
-
-            pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-            if PROBE == 1:  # profiling only: no rotation
-                cos = tl.full([BT, HALF], 1.0, tl.float32)
-                sin = tl.zeros([BT, HALF], tl.float32)
-            elif ROPE_TABLE:  # cos/sin of every cached position, computed once per call (16-bit, as transformers)
+            if ROPE_TABLE:  # cos/sin of every cached position, computed once per call (16-bit, as transformers)
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
                 sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-            elif EXACT_ROPE:
-                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
             else:
-                # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last token
-                last = tl.minimum(tile * BT + BT - 1, T - 1)
-                start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
-                consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
-                if consecutive:
-                    base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-                    cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
-                    sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
-                else:
+                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
+                if EXACT_ROPE:
                     cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-            cos = cos * rope_scale
-            sin = sin * rope_scale
-            rot_lo = (k_lo * cos - k_hi * sin).to(q_lo.dtype)
-            rot_hi = (k_hi * cos + k_lo * sin).to(q_lo.dtype)
-            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
-            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
-            scores = tl.where(keep[:, None], scores, float("-inf"))
-            if PROBE == 2:  # profiling only: keep one number per program instead of storing the scores
-                checksum += tl.sum(tl.sum(tl.where(in_range[:, None], scores, 0.0), 1), 0)
-            else:
-                tl.store(
-                    S + b * stride_sb + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
-                    scores,
-                    mask=in_range[:, None] & (g[None, :] < G),
-                )
-        if PROBE == 2:
-            tl.store(S + b * stride_sb + head * G * stride_sh + split * stride_st, checksum)
+                else:
+                    # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last
+                    last = tl.minimum(tile * BT + BT - 1, T - 1)
+                    start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
+                    consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
+                    if consecutive:
+                        base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
+                        cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
+                        sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
+                    else:
+                        cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+                cos = cos * rope_scale
+                sin = sin * rope_scale
+            zrow = b * stride_zb + t * stride_zt
+            srow = b * stride_sb
+            _head_tile_scores(
+                ZK, zrow, in_range, keep, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin, scaling,
+                stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+            )  # fmt: skip
+            if HPP > 1:
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                )  # fmt: skip
+            if HPP > 2:
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                )  # fmt: skip
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                )  # fmt: skip
 
     @triton.jit
     def _values_kernel(
@@ -267,6 +379,119 @@ if triton is not None:
             tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
 
     @triton.jit
+    def _head_scores(
+        scores, j, ZK, zrow, in_range, W, RANKS, OFFSETS, KBIAS, stride_wd, row_len, dims, cos, sin,
+        q_lo, q_hi, kv_of, norm_lo, norm_hi, eps,
+        HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    ):  # fmt: skip
+        """KV head j's scores of a tile added to the columns of its query heads in `scores` (BT, HP), fused pass."""
+        start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
+            W, stride_wd, tl.load(OFFSETS + j), tl.load(RANKS + j), row_len, dims, HALF, R1, R2, ALIGNED
+        )
+        if HAS_BIAS:
+            bias_lo = tl.load(KBIAS + j * 2 * HALF + dims).to(tl.float32)
+            bias_hi = tl.load(KBIAS + j * 2 * HALF + HALF + dims).to(tl.float32)
+        else:
+            bias_lo = tl.zeros([HALF], tl.float32)
+            bias_hi = bias_lo
+        rot_lo, rot_hi = _rotated_keys(
+            ZK, zrow, in_range, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, bias_lo, bias_hi, norm_lo, norm_hi, eps,
+            cos, sin, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype,
+        )  # fmt: skip
+        mine = kv_of[None, :] == j
+        scores = tl.dot(rot_lo, tl.where(mine, q_lo, 0.0), scores, input_precision=PRECISION)
+        return tl.dot(rot_hi, tl.where(mine, q_hi, 0.0), scores, input_precision=PRECISION)
+
+    @triton.jit
+    def _fused_kernel(
+        Q, ZK, ZV, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, COS, SIN, ACC, MAX, SUM,
+        T, tiles_per_split, row_len, v_rank,
+        stride_qb, stride_qh, stride_zb, stride_zt, stride_vzb, stride_vzt, stride_pb, stride_vb, stride_wd,
+        stride_cb, stride_ct, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
+        scaling, rope_scale, eps,
+        NKV: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr,
+        R2: tl.constexpr, RV: tl.constexpr, BT: tl.constexpr,
+        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, ROPE_TABLE: tl.constexpr,
+        ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr,
+    ):  # fmt: skip
+        """
+        One pass per (context split, sequence) over all KV heads: per tile of tokens, rebuild and rotate each KV
+        head's keys, score its G query heads (into the columns of a (BT, HP) tile of all query heads: the query block
+        of the other heads is zeroed), then one online softmax for every query head and the weighted sum of the joint
+        value latents, read once per tile. Scores never leave the chip.
+        """
+        split = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        h = tl.arange(0, HP)
+        dims = tl.arange(0, HALF)
+        i = tl.arange(0, BT)
+        rv = tl.arange(0, RV)
+        head_ok = h < NKV * G
+        kv_of = h // G
+        # all query heads, transposed: (HALF, HP)
+        q_ptr = Q + b * stride_qb + h[None, :] * stride_qh + dims[:, None]
+        q_lo = tl.load(q_ptr, mask=head_ok[None, :], other=0.0)
+        q_hi = tl.load(q_ptr + HALF, mask=head_ok[None, :], other=0.0)
+        if not ROPE_TABLE:
+            inv_freq = tl.load(INVF + dims)
+        norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
+        norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
+
+        m_i = tl.full([HP], float("-inf"), tl.float32)
+        l_i = tl.zeros([HP], tl.float32)
+        acc = tl.zeros([HP, RV], tl.float32)
+        first = split * tiles_per_split
+        for tile in range(first, first + tiles_per_split):
+            t = tile * BT + i
+            in_range = t < T
+            keep = in_range
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
+            if ROPE_TABLE:  # shared by all KV heads of the tile
+                table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
+            else:  # each angle reduced and evaluated, once per tile for all KV heads
+                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
+                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+                cos = cos * rope_scale
+                sin = sin * rope_scale
+            zrow = b * stride_zb + t * stride_zt
+            scores = tl.zeros([BT, HP], tl.float32)
+            if UNROLL:
+                for j in tl.static_range(NKV):
+                    scores = _head_scores(
+                        scores, j, ZK, zrow, in_range, W, RANKS, OFFSETS, KBIAS, stride_wd, row_len, dims, cos, sin,
+                        q_lo, q_hi, kv_of, norm_lo, norm_hi, eps,
+                        HALF, R1, R2, ALIGNED, PRECISION, HAS_BIAS, HAS_NORM,
+                    )  # fmt: skip
+            else:
+                for j in range(NKV):
+                    scores = _head_scores(
+                        scores, j, ZK, zrow, in_range, W, RANKS, OFFSETS, KBIAS, stride_wd, row_len, dims, cos, sin,
+                        q_lo, q_hi, kv_of, norm_lo, norm_hi, eps,
+                        HALF, R1, R2, ALIGNED, PRECISION, HAS_BIAS, HAS_NORM,
+                    )  # fmt: skip
+            scores = tl.where(keep[:, None], scores * scaling, float("-inf"))  # (BT, HP)
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(scores - m_safe[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            z = tl.load(
+                ZV + b * stride_vzb + t[:, None] * stride_vzt + rv[None, :],
+                mask=in_range[:, None] & (rv[None, :] < v_rank),
+                other=0.0,
+            )
+            acc = tl.dot(tl.trans(p.to(z.dtype)), z, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+        out = ACC + b * stride_ab + split * stride_as
+        tl.store(out + h[:, None] * stride_ah + rv[None, :], acc, mask=head_ok[:, None] & (rv[None, :] < v_rank))
+        tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
+        tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
+
+    @triton.jit
     def _merge_kernel(
         ACC, MAX, SUM, OUT,
         n_splits, num_heads, v_rank,
@@ -297,17 +522,26 @@ if triton is not None:
 
 DEFAULT_CONFIG = {
     "block_tokens": 64,  # cached tokens per tile (both passes)
-    "value_block": 64,  # value-latent columns per program of the values pass
+    "value_block": "auto",  # value-latent columns per program of the values pass: auto = 128 from rank 1024, else 64
     "scores_programs_per_sm": 8,  # context splits give each pass about this many programs per multiprocessor
     "values_programs_per_sm": 4,  # (more splits for the values pass would make the merge longer)
     "scores_warps": 4,
     "scores_stages": 1,  # with angle addition
     "scores_stages_tables": 2,  # with RoPE tables (measured best on the H100 for each)
-    "values_warps": 4,
+    "values_warps": "auto",  # auto: 8 for blocks of 128 columns or more, else 4
     "values_stages": 2,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
-    "probe": 0,  # profiling only: 1 skips RoPE, 2 skips writing the scores (results are then wrong)
+    "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
+    "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
+    "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
+    # the fused single pass (GQA): "auto" takes it when its (query heads x value rank) accumulator is small enough
+    "fused": False,
+    "fused_max_acc": 32 * 512,  # largest padded query heads x value rank that "auto" fuses
+    "fused_programs_per_sm": 2,
+    "fused_warps": 8,
+    "fused_stages": 2,
+    "fused_unroll": False,  # unroll the loop over KV heads
 }
 
 
@@ -320,12 +554,34 @@ def _next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+def _rank_chunks(k_ranks: list[int], pad: int, aligned: bool) -> tuple[int, int]:
+    """Column chunks (R1, R2) covering every head's rank (plus up to 7 leading columns when aligned)."""
+    need = max(k_ranks) + (7 if aligned else 0)
+    if not pad:
+        return _next_pow2(need), 0
+    need = max(16, -(-need // pad) * pad)
+    first = triton.next_power_of_2(need)
+    if first == need:
+        return first, 0
+    first //= 2
+    return first, _next_pow2(need - first)
+
+
 def _splits(tiles: int, programs_per_split: int, device: torch.device, per_sm: int) -> tuple[int, int]:
     """(splits, tiles per split) giving the launch about `per_sm` programs per multiprocessor."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     splits = max(1, min(tiles, -(-per_sm * sms // max(programs_per_split, 1))))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
+
+
+def fused_path(num_heads: int, num_kv_heads: int, v_rank: int, config: dict | None = None) -> bool:
+    """Whether a launch takes the fused single pass (`config["fused"]`: True, False or "auto")."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if cfg["fused"] != "auto":
+        return bool(cfg["fused"])
+    fits = _next_pow2(num_heads) * _next_pow2(v_rank) <= cfg["fused_max_acc"]
+    return num_heads > num_kv_heads and fits
 
 
 _RANK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -366,7 +622,9 @@ def latent_decode_attention(
     `rope_tables(...)` of these positions (16-bit inputs only), which makes the scores pass about twice as fast;
     without them RoPE uses angle addition. `config` overrides the launch settings of `DEFAULT_CONFIG`.
     """
-    cfg = {**DEFAULT_CONFIG, **(config or {})} if config else DEFAULT_CONFIG
+    if config and set(config) - set(DEFAULT_CONFIG):
+        raise ValueError(f"unknown launch settings {sorted(set(config) - set(DEFAULT_CONFIG))}")
+    cfg = {**DEFAULT_CONFIG, **config} if config else DEFAULT_CONFIG
     block_tokens, value_block = cfg["block_tokens"], cfg["value_block"]
     batch, num_heads, head_dim = query.shape
     tokens = key_latents.shape[1]
@@ -384,49 +642,82 @@ def latent_decode_attention(
     eps = float(getattr(k_norm, "variance_epsilon", 1e-6)) if k_norm is not None else 0.0
     exact = query.dtype == torch.float32
 
+    if value_block == "auto":
+        value_block = 128 if v_rank >= 1024 else 64
+    values_warps = cfg["values_warps"] if cfg["values_warps"] != "auto" else (8 if value_block >= 128 else 4)
     tiles = triton.cdiv(tokens, block_tokens)
-    _, per_split = _splits(tiles, batch * num_kv_heads, device, cfg["scores_programs_per_sm"])
-    if cfg["token_major_scores"]:
-        scores = _alloc(batch, tokens, num_heads, device=device)
-        stride_sh, stride_st = scores.stride(2), scores.stride(1)
-    else:
-        scores = _alloc(batch, num_heads, tokens, device=device)
-        stride_sh, stride_st = scores.stride(1), scores.stride(2)
+    precision = "ieee" if exact else "tf32"
+    row_len = key_latents.shape[-1]
+    aligned = bool(cfg["aligned_latents"]) and row_len % 8 == 0 and key_latents.stride(1) % 8 == 0
+    r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
-    cos_t = sin_t = scores
+    heads_p2 = _next_pow2(num_heads)
+    fused = fused_path(num_heads, num_kv_heads, v_rank, cfg)
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
-    _scores_kernel[(num_kv_heads, triton.cdiv(tiles, per_split), batch)](
-        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
-        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
-        tokens, per_split,
-        query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
-        valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
-        cos_t.stride(0), cos_t.stride(1),
-        scaling, rope_scale, eps,
-        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, RMAX=_next_pow2(max(k_ranks)), BT=block_tokens,
-        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
-        PRECISION="ieee" if exact else "tf32", PROBE=cfg["probe"], ROPE_TABLE=use_table,
-        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
-    )  # fmt: skip
 
-    blocks = triton.cdiv(v_rank, value_block)
-    v_splits, v_per_split = _splits(tiles, batch * blocks, device, cfg["values_programs_per_sm"])
-    partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
-    maxes = _alloc(batch, v_splits, num_heads, device=device)
-    sums = _alloc(batch, v_splits, num_heads, device=device)
-    heads_p2 = _next_pow2(num_heads)
-    _values_kernel[(blocks, v_splits, batch)](
-        scores, value_latents, partial, maxes, sums,
-        tokens, v_per_split, num_heads, v_rank,
-        scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION="ieee" if exact else "tf32",
-        num_warps=cfg["values_warps"], num_stages=cfg["values_stages"],
-    )  # fmt: skip
+    if fused:
+        v_splits, v_per_split = _splits(tiles, batch, device, cfg["fused_programs_per_sm"])
+        partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
+        maxes = _alloc(batch, v_splits, num_heads, device=device)
+        sums = _alloc(batch, v_splits, num_heads, device=device)
+        if not use_table:
+            cos_t = sin_t = partial
+        _fused_kernel[(v_splits, batch)](
+            query, key_latents, value_latents, positions, valid_arg, k_up_weight, ranks, offsets,
+            k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, cos_t, sin_t, partial, maxes, sums,
+            tokens, v_per_split, row_len, v_rank,
+            query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1),
+            value_latents.stride(0), value_latents.stride(1), positions.stride(0), valid_arg.stride(0),
+            k_up_weight.stride(0), cos_t.stride(0), cos_t.stride(1),
+            partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+            scaling, rope_scale, eps,
+            NKV=num_kv_heads, G=groups, HP=heads_p2, HALF=head_dim // 2, R1=r1, R2=r2, RV=_next_pow2(v_rank),
+            BT=block_tokens, HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None,
+            ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, UNROLL=bool(cfg["fused_unroll"]),
+            num_warps=cfg["fused_warps"], num_stages=cfg["fused_stages"],
+        )  # fmt: skip
+    else:
+        hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
+        _, per_split = _splits(tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"])
+        if cfg["token_major_scores"]:
+            scores = _alloc(batch, tokens, num_heads, device=device)
+            stride_sh, stride_st = scores.stride(2), scores.stride(1)
+        else:
+            scores = _alloc(batch, num_heads, tokens, device=device)
+            stride_sh, stride_st = scores.stride(1), scores.stride(2)
+        if not use_table:
+            cos_t = sin_t = scores
+        _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
+            query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
+            k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
+            tokens, per_split, row_len,
+            query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
+            valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
+            cos_t.stride(0), cos_t.stride(1),
+            scaling, rope_scale, eps,
+            G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
+            HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
+            ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision,
+            num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
+        )  # fmt: skip
+
+        v_splits, v_per_split = _splits(tiles, batch * triton.cdiv(v_rank, value_block), device,
+                                        cfg["values_programs_per_sm"])  # fmt: skip
+        partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
+        maxes = _alloc(batch, v_splits, num_heads, device=device)
+        sums = _alloc(batch, v_splits, num_heads, device=device)
+        _values_kernel[(triton.cdiv(v_rank, value_block), v_splits, batch)](
+            scores, value_latents, partial, maxes, sums,
+            tokens, v_per_split, num_heads, v_rank,
+            scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
+            partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+            HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision,
+            num_warps=values_warps, num_stages=cfg["values_stages"],
+        )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=value_latents.dtype, device=device)
-    _merge_kernel[(blocks, batch)](
+    _merge_kernel[(triton.cdiv(v_rank, value_block), batch)](
         partial, maxes, sums, aggregated,
         v_splits, num_heads, v_rank,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),

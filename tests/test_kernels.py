@@ -147,6 +147,80 @@ def test_positions_that_are_not_consecutive(poisoned, dtype):
     check(case, dtype)
 
 
+PATHS = {  # launch settings that select each kernel path and its variants
+    "two-pass, BT 16, few splits": {"fused": False, "block_tokens": 16, "values_programs_per_sm": 1},
+    "two-pass, pow2 ranks, unaligned, BT 16": {
+        "fused": False,
+        "rank_pad": 0,
+        "aligned_latents": False,
+        "block_tokens": 16,
+    },
+    "two-pass, 4 heads/program": {"fused": False, "heads_per_program": 4},
+    "two-pass, 4 heads/program, tables, aligned": {
+        "fused": False,
+        "heads_per_program": 4,
+        "rope_table": True,
+        "aligned_latents": True,
+    },
+    "fused, BT 16, few splits": {"fused": True, "block_tokens": 16, "fused_programs_per_sm": 1},  # 4 tiles a split
+    "fused, tables, BT 32, unrolled, aligned": {
+        "fused": True,
+        "rope_table": True,
+        "block_tokens": 32,
+        "fused_unroll": True,
+        "aligned_latents": True,
+    },
+    "fused, unaligned, 8 programs/SM": {"fused": True, "aligned_latents": False, "fused_programs_per_sm": 8},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize(
+    "groups, k_ranks, v_rank, extras",
+    [
+        (1, [5, 38, 21], 70, {}),  # MHA; key rows of 64 columns, so 8-aligned windows over unaligned head offsets
+        (2, [13, 19], 33, {"pad": 11, "bias": True}),
+        (3, [7, 33, 40, 16], 96, {"norm": True, "rope_scale": 1.3}),
+        (8, [38], 17, {"pad": 40, "bias": True, "norm": True}),
+    ],
+)
+def test_every_kernel_path(poisoned, dtype, path, groups, k_ranks, v_rank, extras):
+    """Each path (fused single pass, two passes) and launch variant; odd contexts, ragged ranks, G = 1..8."""
+    case = make_case(2, 101, len(k_ranks), groups, 64, k_ranks, v_rank, seed=groups, **extras)
+    check(case, dtype, PATHS[path])
+
+
+def test_fused_path_choice():
+    """The fused pass is opt-in (slower on the H100); 'auto' would fuse GQA shapes whose accumulator fits."""
+    assert not kernels.fused_path(32, 8, 512)
+    assert kernels.fused_path(32, 8, 512, {"fused": "auto"})
+    assert not kernels.fused_path(32, 32, 2048, {"fused": "auto"})
+    assert kernels.fused_path(32, 32, 2048, {"fused": True})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_value_rank(poisoned, dtype):
+    """From value rank 1024 the values pass and the merge take blocks of 128 columns (MHA 7B keeps 2048)."""
+    check(make_case(1, 70, 2, 2, 64, [9, 30], 1030, seed=11), dtype)
+
+
+def test_unknown_launch_setting_is_refused():
+    case = cast(make_case(1, 8, 1, 2, 64, [4], 8), torch.float32)
+    with pytest.raises(ValueError, match="unknown launch settings"):
+        kernels.latent_decode_attention(**case, config={"value_blocks": 64})
+
+
+def test_rank_chunks():
+    """Ranks padded to 16 in two power-of-two chunks; aligned windows cover up to 7 leading columns."""
+    assert kernels._rank_chunks([38], 16, False) == (32, 16)
+    assert kernels._rank_chunks([38], 16, True) == (32, 16)
+    assert kernels._rank_chunks([38], 0, False) == (64, 0)
+    assert kernels._rank_chunks([1], 16, False) == (16, 0)
+    assert kernels._rank_chunks([64, 3], 16, True) == (64, 16)
+    assert kernels._rank_chunks([100], 16, False) == (64, 64)
+
+
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2", "qwen3"])
 def test_model_decodes_the_same_through_the_kernel(monkeypatch, family, converted, tokenizer):
     """generate() with the kernel forced on (interpreted on CPU) gives the PyTorch path's tokens and logits."""
