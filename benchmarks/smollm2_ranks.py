@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--recovery-steps", type=int, default=defaults.recovery_steps)
     p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--threshold-lr", type=float, default=defaults.threshold_lr)
+    p.add_argument("--threshold-lr", type=float)
     p.add_argument("--compression", type=float, default=defaults.compression)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     args = p.parse_args()

@@ -72,7 +72,7 @@ def convert_parser() -> argparse.ArgumentParser:
     )
     learn.add_argument("--recovery-steps", type=int, help=f"factor-training steps (default {gpu[1]} / {cpu[1]})")
     learn.add_argument("--lr", type=float, default=defaults.lr, help="learning rate, relative to each tensor's scale")
-    learn.add_argument("--threshold-lr", type=float, default=defaults.threshold_lr)
+    learn.add_argument("--threshold-lr", type=float, help=f"default {gpu[3]} GPU, {cpu[3]} CPU")
     learn.add_argument("--compression", type=float, default=defaults.compression, help="weight of exp(-threshold)")
     learn.add_argument("--train-batch-size", type=int, help=f"blocks per training step (default {gpu[2]} / {cpu[2]})")
     learn.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps, 0: never")
