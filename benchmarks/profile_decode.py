@@ -18,7 +18,7 @@ from decode_attention import ROWS, latent_inputs  # noqa: E402
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
 kernels = import_remote("latent_decode")
-KERNELS = ("_fused_kernel", "_scores_kernel", "_values_kernel", "_merge_kernel")
+KERNELS = ("_scores_kernel", "_values_kernel", "_merge_kernel")
 
 
 def profile(query, inputs, tables, config) -> dict[str, float]:
@@ -44,9 +44,8 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores 16 programs/SM": {"scores_programs_per_sm": 16},
     "values block 64, 4 warps": {"value_block": 64, "values_warps": 4},
     "values block 128, 8 warps": {"value_block": 128, "values_warps": 8},
-    "fused BT 128, 1 stage": {"fused": True, "block_tokens": 128, "fused_stages": 1},
 }
-QUICK = {k: VARIANTS[k] for k in ("default", "old settings", "fused BT 128, 1 stage")}
+QUICK = {k: VARIANTS[k] for k in ("default", "old settings")}
 
 
 def report_registers() -> None:
@@ -64,7 +63,7 @@ def report_registers() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="*", default=[7, 3])
-    p.add_argument("--quick", action="store_true", help="only the default, the old settings and fused")
+    p.add_argument("--quick", action="store_true", help="only the default and the old settings")
     args = p.parse_args()
     g = torch.Generator(device="cuda").manual_seed(0)
     for index in args.rows:
@@ -73,10 +72,8 @@ def main() -> None:
         tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
         variants = QUICK if args.quick else VARIANTS
-        print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | fused | scores | values | merge)")
+        print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
         for label, config in variants.items():
-            if kv_heads == heads and config.get("fused"):
-                continue  # MHA: the fused accumulator (32 x 2048) does not fit
             try:
                 times = profile(query, inputs, tables, config)
             except Exception as e:  # e.g. out of resources for a large tile

@@ -15,9 +15,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
 3. `_merge_kernel` combines the splits; the aggregated latent is up-projected once per query head (METHOD.md: values
    stay latent under the softmax).
 
-`_fused_kernel` (opt-in, `config={"fused": True}`) does 1 and 2 in one pass per (context split, sequence) for all
-KV heads, so scores never leave the chip; on the H100 it is slower than the two passes (benchmarks/README.md: it
-must reload every KV head's up-projection for every tile and spills registers), so no shape takes it by default.
+A single fused pass over all KV heads (scores never leaving the chip) was measured slower than these two passes on
+the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a).
 
 RoPE without tables: the angles of consecutive positions are built by angle addition from one exactly reduced angle
 per tile (cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a
@@ -379,119 +378,6 @@ if triton is not None:
             tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
 
     @triton.jit
-    def _head_scores(
-        scores, j, ZK, zrow, in_range, W, RANKS, OFFSETS, KBIAS, stride_wd, row_len, dims, cos, sin,
-        q_lo, q_hi, kv_of, norm_lo, norm_hi, eps,
-        HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
-    ):  # fmt: skip
-        """KV head j's scores of a tile added to the columns of its query heads in `scores` (BT, HP), fused pass."""
-        start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
-            W, stride_wd, tl.load(OFFSETS + j), tl.load(RANKS + j), row_len, dims, HALF, R1, R2, ALIGNED
-        )
-        if HAS_BIAS:
-            bias_lo = tl.load(KBIAS + j * 2 * HALF + dims).to(tl.float32)
-            bias_hi = tl.load(KBIAS + j * 2 * HALF + HALF + dims).to(tl.float32)
-        else:
-            bias_lo = tl.zeros([HALF], tl.float32)
-            bias_hi = bias_lo
-        rot_lo, rot_hi = _rotated_keys(
-            ZK, zrow, in_range, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, bias_lo, bias_hi, norm_lo, norm_hi, eps,
-            cos, sin, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype,
-        )  # fmt: skip
-        mine = kv_of[None, :] == j
-        scores = tl.dot(rot_lo, tl.where(mine, q_lo, 0.0), scores, input_precision=PRECISION)
-        return tl.dot(rot_hi, tl.where(mine, q_hi, 0.0), scores, input_precision=PRECISION)
-
-    @triton.jit
-    def _fused_kernel(
-        Q, ZK, ZV, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, COS, SIN, ACC, MAX, SUM,
-        T, tiles_per_split, row_len, v_rank,
-        stride_qb, stride_qh, stride_zb, stride_zt, stride_vzb, stride_vzt, stride_pb, stride_vb, stride_wd,
-        stride_cb, stride_ct, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
-        scaling, rope_scale, eps,
-        NKV: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr,
-        R2: tl.constexpr, RV: tl.constexpr, BT: tl.constexpr,
-        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, ROPE_TABLE: tl.constexpr,
-        ALIGNED: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr,
-    ):  # fmt: skip
-        """
-        One pass per (context split, sequence) over all KV heads: per tile of tokens, rebuild and rotate each KV
-        head's keys, score its G query heads (into the columns of a (BT, HP) tile of all query heads: the query block
-        of the other heads is zeroed), then one online softmax for every query head and the weighted sum of the joint
-        value latents, read once per tile. Scores never leave the chip.
-        """
-        split = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        h = tl.arange(0, HP)
-        dims = tl.arange(0, HALF)
-        i = tl.arange(0, BT)
-        rv = tl.arange(0, RV)
-        head_ok = h < NKV * G
-        kv_of = h // G
-        # all query heads, transposed: (HALF, HP)
-        q_ptr = Q + b * stride_qb + h[None, :] * stride_qh + dims[:, None]
-        q_lo = tl.load(q_ptr, mask=head_ok[None, :], other=0.0)
-        q_hi = tl.load(q_ptr + HALF, mask=head_ok[None, :], other=0.0)
-        if not ROPE_TABLE:
-            inv_freq = tl.load(INVF + dims)
-        norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
-        norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
-
-        m_i = tl.full([HP], float("-inf"), tl.float32)
-        l_i = tl.zeros([HP], tl.float32)
-        acc = tl.zeros([HP, RV], tl.float32)
-        first = split * tiles_per_split
-        for tile in range(first, first + tiles_per_split):
-            t = tile * BT + i
-            in_range = t < T
-            keep = in_range
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-            if ROPE_TABLE:  # shared by all KV heads of the tile
-                table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
-                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
-                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-            else:  # each angle reduced and evaluated, once per tile for all KV heads
-                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-                cos = cos * rope_scale
-                sin = sin * rope_scale
-            zrow = b * stride_zb + t * stride_zt
-            scores = tl.zeros([BT, HP], tl.float32)
-            if UNROLL:
-                for j in tl.static_range(NKV):
-                    scores = _head_scores(
-                        scores, j, ZK, zrow, in_range, W, RANKS, OFFSETS, KBIAS, stride_wd, row_len, dims, cos, sin,
-                        q_lo, q_hi, kv_of, norm_lo, norm_hi, eps,
-                        HALF, R1, R2, ALIGNED, PRECISION, HAS_BIAS, HAS_NORM,
-                    )  # fmt: skip
-            else:
-                for j in range(NKV):
-                    scores = _head_scores(
-                        scores, j, ZK, zrow, in_range, W, RANKS, OFFSETS, KBIAS, stride_wd, row_len, dims, cos, sin,
-                        q_lo, q_hi, kv_of, norm_lo, norm_hi, eps,
-                        HALF, R1, R2, ALIGNED, PRECISION, HAS_BIAS, HAS_NORM,
-                    )  # fmt: skip
-            scores = tl.where(keep[:, None], scores * scaling, float("-inf"))  # (BT, HP)
-            m_new = tl.maximum(m_i, tl.max(scores, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(scores - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            z = tl.load(
-                ZV + b * stride_vzb + t[:, None] * stride_vzt + rv[None, :],
-                mask=in_range[:, None] & (rv[None, :] < v_rank),
-                other=0.0,
-            )
-            acc = tl.dot(tl.trans(p.to(z.dtype)), z, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
-        out = ACC + b * stride_ab + split * stride_as
-        tl.store(out + h[:, None] * stride_ah + rv[None, :], acc, mask=head_ok[:, None] & (rv[None, :] < v_rank))
-        tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
-        tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
-
-    @triton.jit
     def _merge_kernel(
         ACC, MAX, SUM, OUT,
         n_splits, num_heads, v_rank,
@@ -535,13 +421,6 @@ DEFAULT_CONFIG = {
     "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
-    # the fused single pass (GQA): "auto" takes it when its (query heads x value rank) accumulator is small enough
-    "fused": False,
-    "fused_max_acc": 32 * 512,  # largest padded query heads x value rank that "auto" fuses
-    "fused_programs_per_sm": 2,
-    "fused_warps": 8,
-    "fused_stages": 2,
-    "fused_unroll": False,  # unroll the loop over KV heads
 }
 
 
@@ -573,15 +452,6 @@ def _splits(tiles: int, programs_per_split: int, device: torch.device, per_sm: i
     splits = max(1, min(tiles, -(-per_sm * sms // max(programs_per_split, 1))))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
-
-
-def fused_path(num_heads: int, num_kv_heads: int, v_rank: int, config: dict | None = None) -> bool:
-    """Whether a launch takes the fused single pass (`config["fused"]`: True, False or "auto")."""
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    if cfg["fused"] != "auto":
-        return bool(cfg["fused"])
-    fits = _next_pow2(num_heads) * _next_pow2(v_rank) <= cfg["fused_max_acc"]
-    return num_heads > num_kv_heads and fits
 
 
 _RANK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -652,70 +522,47 @@ def latent_decode_attention(
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
-    fused = fused_path(num_heads, num_kv_heads, v_rank, cfg)
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
 
-    if fused:
-        v_splits, v_per_split = _splits(tiles, batch, device, cfg["fused_programs_per_sm"])
-        partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
-        maxes = _alloc(batch, v_splits, num_heads, device=device)
-        sums = _alloc(batch, v_splits, num_heads, device=device)
-        if not use_table:
-            cos_t = sin_t = partial
-        _fused_kernel[(v_splits, batch)](
-            query, key_latents, value_latents, positions, valid_arg, k_up_weight, ranks, offsets,
-            k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, cos_t, sin_t, partial, maxes, sums,
-            tokens, v_per_split, row_len, v_rank,
-            query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1),
-            value_latents.stride(0), value_latents.stride(1), positions.stride(0), valid_arg.stride(0),
-            k_up_weight.stride(0), cos_t.stride(0), cos_t.stride(1),
-            partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-            scaling, rope_scale, eps,
-            NKV=num_kv_heads, G=groups, HP=heads_p2, HALF=head_dim // 2, R1=r1, R2=r2, RV=_next_pow2(v_rank),
-            BT=block_tokens, HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None,
-            ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, UNROLL=bool(cfg["fused_unroll"]),
-            num_warps=cfg["fused_warps"], num_stages=cfg["fused_stages"],
-        )  # fmt: skip
+    hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
+    _, per_split = _splits(tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"])
+    if cfg["token_major_scores"]:
+        scores = _alloc(batch, tokens, num_heads, device=device)
+        stride_sh, stride_st = scores.stride(2), scores.stride(1)
     else:
-        hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
-        _, per_split = _splits(tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"])
-        if cfg["token_major_scores"]:
-            scores = _alloc(batch, tokens, num_heads, device=device)
-            stride_sh, stride_st = scores.stride(2), scores.stride(1)
-        else:
-            scores = _alloc(batch, num_heads, tokens, device=device)
-            stride_sh, stride_st = scores.stride(1), scores.stride(2)
-        if not use_table:
-            cos_t = sin_t = scores
-        _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
-            query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
-            k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
-            tokens, per_split, row_len,
-            query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
-            valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
-            cos_t.stride(0), cos_t.stride(1),
-            scaling, rope_scale, eps,
-            G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
-            HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
-            ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision,
-            num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
-        )  # fmt: skip
+        scores = _alloc(batch, num_heads, tokens, device=device)
+        stride_sh, stride_st = scores.stride(1), scores.stride(2)
+    if not use_table:
+        cos_t = sin_t = scores
+    _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
+        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
+        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
+        tokens, per_split, row_len,
+        query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
+        valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
+        cos_t.stride(0), cos_t.stride(1),
+        scaling, rope_scale, eps,
+        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
+        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
+        ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision,
+        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
+    )  # fmt: skip
 
-        v_splits, v_per_split = _splits(tiles, batch * triton.cdiv(v_rank, value_block), device,
-                                        cfg["values_programs_per_sm"])  # fmt: skip
-        partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
-        maxes = _alloc(batch, v_splits, num_heads, device=device)
-        sums = _alloc(batch, v_splits, num_heads, device=device)
-        _values_kernel[(triton.cdiv(v_rank, value_block), v_splits, batch)](
-            scores, value_latents, partial, maxes, sums,
-            tokens, v_per_split, num_heads, v_rank,
-            scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
-            partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-            HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision,
-            num_warps=values_warps, num_stages=cfg["values_stages"],
-        )  # fmt: skip
+    v_splits, v_per_split = _splits(tiles, batch * triton.cdiv(v_rank, value_block), device,
+                                    cfg["values_programs_per_sm"])  # fmt: skip
+    partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
+    maxes = _alloc(batch, v_splits, num_heads, device=device)
+    sums = _alloc(batch, v_splits, num_heads, device=device)
+    _values_kernel[(triton.cdiv(v_rank, value_block), v_splits, batch)](
+        scores, value_latents, partial, maxes, sums,
+        tokens, v_per_split, num_heads, v_rank,
+        scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
+        HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision,
+        num_warps=values_warps, num_stages=cfg["values_stages"],
+    )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=value_latents.dtype, device=device)
     _merge_kernel[(triton.cdiv(v_rank, value_block), batch)](
         partial, maxes, sums, aggregated,

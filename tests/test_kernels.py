@@ -147,30 +147,11 @@ def test_positions_that_are_not_consecutive(poisoned, dtype):
     check(case, dtype)
 
 
-PATHS = {  # launch settings that select each kernel path and its variants
-    "two-pass, BT 16, few splits": {"fused": False, "block_tokens": 16, "values_programs_per_sm": 1},
-    "two-pass, pow2 ranks, unaligned, BT 16": {
-        "fused": False,
-        "rank_pad": 0,
-        "aligned_latents": False,
-        "block_tokens": 16,
-    },
-    "two-pass, 4 heads/program": {"fused": False, "heads_per_program": 4},
-    "two-pass, 4 heads/program, tables, aligned": {
-        "fused": False,
-        "heads_per_program": 4,
-        "rope_table": True,
-        "aligned_latents": True,
-    },
-    "fused, BT 16, few splits": {"fused": True, "block_tokens": 16, "fused_programs_per_sm": 1},  # 4 tiles a split
-    "fused, tables, BT 32, unrolled, aligned": {
-        "fused": True,
-        "rope_table": True,
-        "block_tokens": 32,
-        "fused_unroll": True,
-        "aligned_latents": True,
-    },
-    "fused, unaligned, 8 programs/SM": {"fused": True, "aligned_latents": False, "fused_programs_per_sm": 8},
+PATHS = {  # launch settings that select each variant of the kernels
+    "BT 16, few splits": {"block_tokens": 16, "values_programs_per_sm": 1},
+    "pow2 ranks, unaligned, BT 16": {"rank_pad": 0, "aligned_latents": False, "block_tokens": 16},
+    "4 heads/program": {"heads_per_program": 4},
+    "4 heads/program, tables, aligned": {"heads_per_program": 4, "rope_table": True, "aligned_latents": True},
 }
 
 
@@ -186,17 +167,9 @@ PATHS = {  # launch settings that select each kernel path and its variants
     ],
 )
 def test_every_kernel_path(poisoned, dtype, path, groups, k_ranks, v_rank, extras):
-    """Each path (fused single pass, two passes) and launch variant; odd contexts, ragged ranks, G = 1..8."""
+    """Each launch variant; odd contexts, ragged ranks, G = 1..8."""
     case = make_case(2, 101, len(k_ranks), groups, 64, k_ranks, v_rank, seed=groups, **extras)
     check(case, dtype, PATHS[path])
-
-
-def test_fused_path_choice():
-    """The fused pass is opt-in (slower on the H100); 'auto' would fuse GQA shapes whose accumulator fits."""
-    assert not kernels.fused_path(32, 8, 512)
-    assert kernels.fused_path(32, 8, 512, {"fused": "auto"})
-    assert not kernels.fused_path(32, 32, 2048, {"fused": "auto"})
-    assert kernels.fused_path(32, 32, 2048, {"fused": True})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
