@@ -231,3 +231,26 @@ def test_offload_really_offloads(base_dir):
         assert torch.equal(module_tensor(k_proj, "weight"), resident.model.layers[2].self_attn.k_proj.weight)
         full = full_state_dict(model)
         assert all(torch.equal(full[k], v) for k, v in resident.state_dict().items())
+
+
+def test_a_layer_that_keeps_everything_is_kept_full(setup):
+    """When the budget lets a layer keep every component on both sides, it is exported as the base layer."""
+    from starkv_convert.build import latent_state_dict
+
+    model = make_base_model("qwen2", TINY_VOCAB)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    shape = model_shape(model.config)
+    gates = install_gates(model, _factors(setup), beta=50.0)
+    for index, (k, v) in gates.items():
+        for g in (k, v):
+            keep = torch.ones_like(g.scaled, dtype=torch.bool)
+            if index == 1:
+                keep[:, g.scaled.shape[1] // 2 :] = False
+            g.fix_ranks(keep)
+    factors, plan = export_plan(gates, shape)
+    remove_gates(model, gates)
+    assert plan.k[0] is None and plan.v[0] is None and plan.k[2] is None
+    assert plan.k[1] == [shape.head_dim // 2] * shape.num_kv_heads and plan.v[1] == shape.side_floats // 2
+    state = latent_state_dict(model.state_dict(), factors, plan, torch.float32)
+    assert all(torch.equal(state[k], base[k]) for k in base if ".layers.0." in k or ".layers.2." in k)
+    assert "model.layers.1.self_attn.k_a_proj.weight" in state and "model.layers.1.self_attn.k_proj.weight" not in state
