@@ -327,71 +327,56 @@ def learn_ranks(
     history: list[dict[str, float]] = []
     phase, step, frozen = 1, 0, {"k": False, "v": False}
 
-    optimizer = None
-    if resume and state_dir is not None and (state_dir / "state.json").exists():
-        meta, opt_tensors = load_state(state_dir, gates)
-        if meta.get("fingerprint") != stamp:
-            raise StarKVError(
-                f"{state_dir} holds training state of other settings: drop --resume, or delete it to start over"
-            )
-        phase, step, frozen, history = meta["phase"], meta["step"], meta["frozen"], meta["history"]
-        optimizer = _optimizer(gates, phase, options)
-        restore_optimizer(optimizer, meta, opt_tensors)
-
-    if optimizer is None:
-        optimizer = _optimizer(gates, phase, options)
-    perplexity_init = None
-    if init_plan is not None and eval_blocks is not None:
-        perplexity_init = _plan_perplexity(model, gates, init_plan, eval_blocks)
-    for side in "kv":
-        if frozen[side]:
-            for g in sides[side]:
-                g.threshold.requires_grad_(False)
-    if use_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
-
-    def save() -> None:
-        if state_dir is not None:
-            meta = {"fingerprint": stamp, "phase": phase, "step": step, "frozen": frozen, "history": history}
-            save_state(state_dir, gates, optimizer, meta)
-
-    def ratio() -> float:
-        return (side_count(sides["k"]) + side_count(sides["v"]) + uncompressed) / total_base
-
-    total_steps = options.steps + options.recovery_steps
-    bar = tqdm(total=total_steps, desc="learning ranks", unit="step", disable=not progress, initial=step)
     try:
+        optimizer = _optimizer(gates, phase, options)
+        if resume and state_dir is not None and (state_dir / "state.json").exists():
+            meta, opt_tensors = load_state(state_dir, gates)
+            if meta.get("fingerprint") != stamp:
+                raise StarKVError(
+                    f"{state_dir} holds training state of other settings: drop --resume, or delete it to start over"
+                )
+            phase, step, frozen, history = meta["phase"], meta["step"], meta["frozen"], meta["history"]
+            _freeze_all(gates)
+            optimizer = _optimizer(gates, phase, options)
+            restore_optimizer(optimizer, meta, opt_tensors)
+            for side in "kv":
+                if frozen[side]:
+                    for g in sides[side]:
+                        g.threshold.requires_grad_(False)
+        perplexity_init = None
+        if init_plan is not None and eval_blocks is not None:
+            perplexity_init = _plan_perplexity(model, gates, init_plan, eval_blocks)
+        if use_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else nullcontext()
+
+        def save() -> None:
+            if state_dir is not None:
+                meta = {"fingerprint": stamp, "phase": phase, "step": step, "frozen": frozen, "history": history}
+                save_state(state_dir, gates, optimizer, meta)
+
+        total_steps = options.steps + options.recovery_steps
+        bar = tqdm(total=total_steps, desc="learning ranks", unit="step", disable=not progress, initial=step)
         while step < total_steps:
             if phase == 1:
-                for side in "kv":
-                    if not frozen[side] and side_count(sides[side]) <= budget_of[side]:
-                        frozen[side] = True  # this side met its budget: its thresholds stop and its term drops
-                        for g in sides[side]:
-                            g.threshold.requires_grad_(False)
-                            g.threshold.grad = None
-            if phase == 1 and (step >= options.steps or all(frozen.values())):
-                for side in "kv":
-                    for g, keep in zip(sides[side], exact_keep(sides[side], budget_of[side])):
-                        g.fix_ranks(keep.to(g.scaled.device))
-                phase, step = 2, options.steps
-                bar.n = step
-                _freeze_all(gates)
-                optimizer = _optimizer(gates, 2, options)
-                save()
-                continue
+                _freeze_sides_within_budget(sides, budget_of, frozen)
+                if step >= options.steps or all(frozen.values()):
+                    _fix_ranks_exactly(sides, budget_of)
+                    phase, step, bar.n = 2, options.steps, options.steps
+                    _freeze_all(gates)
+                    optimizer = _optimizer(gates, 2, options)
+                    save()
+                    continue
             batch = _batches(blocks, options.batch_size, options.seed, step).to(device)
             with torch.no_grad(), teacher(gates), autocast:
                 target = model.model(input_ids=batch, use_cache=False).last_hidden_state
             with autocast:
-                hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-                kd = kd_loss(hidden, target, model.lm_head)
+                kd = kd_loss(model.model(input_ids=batch, use_cache=False).last_hidden_state, target, model.lm_head)
             loss = kd
-            if phase == 1:
-                for side, weight in (("k", options.compression), ("v", options.compression)):
-                    if not frozen[side]:
-                        loss = loss + weight * sum(torch.exp(-g.threshold).sum() for g in sides[side])
+            if phase == 1:  # the compression terms of the sides still above budget
+                thresholds = [g.threshold for side in "kv" if not frozen[side] for g in sides[side]]
+                loss = loss + options.compression * sum(torch.exp(-a).sum() for a in thresholds)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -399,25 +384,40 @@ def learn_ranks(
                 for g in sides["k"] + sides["v"]:
                     g.threshold.clamp_(min=0.0)
             step += 1
-            current = ratio()
+            current = (side_count(sides["k"]) + side_count(sides["v"]) + uncompressed) / total_base
             history.append({"step": step, "phase": phase, "kd": kd.item(), "kv_ratio": current})
             bar.set_postfix(phase=phase, kd=f"{kd.item():.4f}", kv=f"{current:.3f}")
             bar.update(1)
             if options.checkpoint_every and step % options.checkpoint_every == 0:
                 save()
+        bar.close()
         if phase == 1:  # no recovery steps: fix the ranks all the same
-            for side in "kv":
-                for g, keep in zip(sides[side], exact_keep(sides[side], budget_of[side])):
-                    g.fix_ranks(keep.to(g.scaled.device))
+            _fix_ranks_exactly(sides, budget_of)
         save()
         learned, plan = export_plan(gates, shape)
     finally:
-        bar.close()
         if use_checkpointing:
             model.gradient_checkpointing_disable()
         model.train(was_training)
         remove_gates(model, gates)
     return LearnResult(factors=learned, plan=plan, history=history, perplexity_init=perplexity_init)
+
+
+def _freeze_sides_within_budget(sides: dict, budget_of: dict[str, int], frozen: dict[str, bool]) -> None:
+    """A side whose rank count meets its budget stops moving its thresholds (and its compression term drops)."""
+    for side in "kv":
+        if not frozen[side] and side_count(sides[side]) <= budget_of[side]:
+            frozen[side] = True
+            for g in sides[side]:
+                g.threshold.requires_grad_(False)
+                g.threshold.grad = None
+
+
+def _fix_ranks_exactly(sides: dict, budget_of: dict[str, int]) -> None:
+    """Ends the threshold phase: each side keeps exactly its budget of components, with constant gains."""
+    for side in "kv":
+        for g, keep in zip(sides[side], exact_keep(sides[side], budget_of[side])):
+            g.fix_ranks(keep.to(g.scaled.device))
 
 
 @torch.no_grad()

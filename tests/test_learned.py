@@ -139,7 +139,9 @@ def test_cli_learned_conversion_changes_only_kv_tensors(base_dir, corpus, tmp_pa
     assert all(base[k].equal(ours[k]) for k in shared)
 
 
-def test_interrupted_training_resumes(monkeypatch, base_dir, corpus, tmp_path, capsys):
+@pytest.mark.parametrize("stop_at, phase, step, remaining", [(3, 1, 2, 8), (8, 2, 6, 4)])
+def test_interrupted_training_resumes(monkeypatch, base_dir, corpus, tmp_path, capsys, stop_at, phase, step, remaining):
+    """Ctrl-C in the threshold phase or in recovery; --resume ends with the weights of an uninterrupted run."""
     out = tmp_path / "out"
     args = quick_convert_args(
         base_dir("mistral"), out, corpus, "--steps", "6", "--recovery-steps", "4", "--checkpoint-every", "2"
@@ -152,7 +154,7 @@ def test_interrupted_training_resumes(monkeypatch, base_dir, corpus, tmp_path, c
 
     def interrupted(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 8:  # during phase 2 (phase 1 took at most 6 steps), after a checkpoint
+        if calls["n"] == stop_at:  # phase 1 runs its 6 steps here (the budget is not met that soon), then 4 more
             raise KeyboardInterrupt
         return real(*a, **k)
 
@@ -162,7 +164,7 @@ def test_interrupted_training_resumes(monkeypatch, base_dir, corpus, tmp_path, c
     assert convert_main(args2) == 130
     assert not out2.exists() and (tmp_path / "again.train-state" / "state.json").exists()
     state = json.loads((tmp_path / "again.train-state" / "state.json").read_text())
-    assert state["phase"] == 2 and state["step"] == 6
+    assert state["phase"] == phase and state["step"] == step  # the last checkpoint
 
     counted = {"n": 0}
 
@@ -172,7 +174,7 @@ def test_interrupted_training_resumes(monkeypatch, base_dir, corpus, tmp_path, c
 
     monkeypatch.setattr(learn_module, "kd_loss", counting)
     assert convert_main([*args2, "--resume"]) == 0
-    assert counted["n"] == 4  # only the recovery steps not saved before ran
+    assert counted["n"] == remaining  # only the steps not saved before ran
     resumed = load_state(out2)
     assert resumed.keys() == expected.keys()
     assert all(torch.allclose(resumed[k], expected[k], atol=1e-6) for k in expected)

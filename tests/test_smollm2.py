@@ -16,7 +16,7 @@ ANCHOR_UNIFORM = {0.5: 45.47, 0.3: 61.54}  # whitened uniform ranks, 50/50 and 3
 
 @pytest.fixture(scope="module")
 def smollm2_ppl(tmp_path_factory):
-    """(kv_ratio, method) -> perplexity of the converted SmolLM2 (each conversion once per module)."""
+    """(kv_ratio, method) -> perplexity of the converted SmolLM2 (each conversion once per module; CPU sizes)."""
     results = {}
 
     def get(kv_ratio: float, method: str) -> float:
@@ -58,3 +58,11 @@ def test_energy_ranks_beat_uniform_at_30_percent(smollm2_ppl):
 def test_base_perplexity_matches_anchor():
     result = evaluate(None, str(SHARED_DATA), seq_len=512, windows=20, start=100_000, progress=False)
     assert result["perplexity"] == pytest.approx(BASE_PPL, abs=0.05)
+
+
+@pytest.mark.slow
+def test_learned_ranks_beat_energy_at_half(smollm2_ppl):
+    """The CPU-sized learned run (30 + 30 steps of one 512-token block on the 32 calibration blocks, ~5 min)."""
+    learned, energy = smollm2_ppl(0.5, "learned"), smollm2_ppl(0.5, "energy")
+    assert learned < energy
+    assert learned > BASE_PPL
