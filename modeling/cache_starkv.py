@@ -57,7 +57,10 @@ class StarKVCache(Cache):
     def update_latents(
         self, key_latents: torch.Tensor, value_latents: torch.Tensor, layer_idx: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends (batch, new tokens, rank) latents to layer `layer_idx`; returns the latents attention reads."""
+        """
+        Appends (batch, new tokens, width) latents (or, quantized, uint8 rows of codes and scales) to layer
+        `layer_idx`; returns those of every held token.
+        """
         keys, values = self.layers[layer_idx].update(key_latents.unsqueeze(1), value_latents.unsqueeze(1))
         return keys.squeeze(1), values.squeeze(1)
 

@@ -22,6 +22,9 @@ class StarKVConfig(LlamaConfig):
         layer_types (`list[str]`, *optional*): "full_attention" or "sliding_attention" per layer.
         kv_k_ranks (`list[list[int] | None]`, *optional*): per layer, the key rank of each KV head.
         kv_v_ranks (`list[int | None]`, *optional*): per layer, the joint value rank.
+        kv_quant (`dict`, *optional*): quantized latents: `{"group": g, "k_n8": [[...] | None per layer],
+            "v_n8": [int | None per layer]}`, the number of leading channels of each block kept in 8 bits (the rest
+            in 4), with fp16 scales per token and group of g channels. None caches the latents in the model dtype.
     """
 
     model_type = "starkv"
@@ -33,6 +36,7 @@ class StarKVConfig(LlamaConfig):
     layer_types: list[str] | None = None
     kv_k_ranks: list | None = None
     kv_v_ranks: list | None = None
+    kv_quant: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.attention_out_bias is None:
@@ -68,6 +72,10 @@ class StarKVConfig(LlamaConfig):
                 raise ValueError(f"layer {i}: kv_k_ranks {k_ranks} must hold {n_kv} ranks in [1, {head_dim}]")
             if not 1 <= v_rank <= max_v:
                 raise ValueError(f"layer {i}: kv_v_ranks {v_rank} must be in [1, {max_v}]")
+            if self.kv_quant is not None:
+                k_n8, v_n8 = self.kv_quant["k_n8"][i], self.kv_quant["v_n8"][i]
+                if len(k_n8) != n_kv or not all(0 <= a <= r for a, r in zip(k_n8, k_ranks)) or not 0 <= v_n8 <= v_rank:
+                    raise ValueError(f"layer {i}: kv_quant 8-bit channels {k_n8}, {v_n8} do not fit its ranks")
 
     def is_compressed(self, layer_idx: int) -> bool:
         """Whether layer `layer_idx` caches latents (True) or plain keys and values (False)."""

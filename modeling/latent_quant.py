@@ -88,3 +88,49 @@ def dequantize_latents(q: QuantizedLatents, dtype: torch.dtype = torch.float32) 
     high = q.codes8.float() * _expand(q.scales8, q.group, q.n8)
     low = unpack_int4(q.packed4, n4).float() * _expand(q.scales4, q.group, n4)
     return torch.cat((high, low), dim=-1).to(dtype)
+
+
+def _as(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A slice of uint8 rows reinterpreted as `dtype` (copied first: views need an aligned, offset-free tensor)."""
+    if part.shape[-1] == 0:
+        return torch.empty(*part.shape[:-1], 0, dtype=dtype, device=part.device)
+    return part.clone(memory_format=torch.contiguous_format).view(dtype)
+
+
+class LatentCodec:
+    """
+    Stores the latents of consecutive blocks (..., sum(ranks)) as one uint8 row per token: per block its int8 codes,
+    packed int4 codes, then the fp16 scales of both parts. A cache that keeps these rows on its token axis can
+    concatenate, crop, reorder and select them like any tensor.
+    """
+
+    def __init__(self, ranks: list[int], n8: list[int], group: int):
+        if len(ranks) != len(n8) or not all(0 <= a <= r for a, r in zip(n8, ranks)):
+            raise ValueError(f"8-bit channels {n8} do not fit the ranks {ranks}")
+        self.ranks, self.n8, self.group = list(ranks), list(n8), group
+        self.sizes = [quantized_bytes_per_token(r, a, group) for r, a in zip(ranks, n8)]
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(self.sizes)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., sum(ranks)) -> (..., bytes_per_token) uint8."""
+        parts = []
+        for block, n8 in zip(z.split(self.ranks, dim=-1), self.n8):
+            q = quantize_latents(block, n8, self.group)
+            parts += [q.codes8.view(torch.uint8), q.packed4, q.scales8.view(torch.uint8), q.scales4.view(torch.uint8)]
+        return torch.cat(parts, dim=-1)
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(..., bytes_per_token) uint8 -> (..., sum(ranks)) latents in `dtype`."""
+        blocks = []
+        for row, rank, n8 in zip(rows.split(self.sizes, dim=-1), self.ranks, self.n8):
+            n4, group = rank - n8, self.group
+            widths = [n8, (n4 + 1) // 2, 2 * -(-n8 // group), 2 * -(-n4 // group)]
+            codes8, packed4, scales8, scales4 = row.split(widths, dim=-1)
+            q = QuantizedLatents(
+                _as(codes8, torch.int8), _as(scales8, SCALE_DTYPE), packed4, _as(scales4, SCALE_DTYPE), rank, group
+            )
+            blocks.append(dequantize_latents(q, dtype))
+        return torch.cat(blocks, dim=-1)

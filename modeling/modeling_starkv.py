@@ -32,6 +32,7 @@ from .cache_starkv import StarKVCache
 from .configuration_starkv import StarKVConfig
 from .latent_decode import latent_decode_attention, rope_tables, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
+from .latent_quant import LatentCodec
 
 
 class KeyUpProjection(nn.Module):
@@ -77,6 +78,13 @@ class StarKVAttention(nn.Module):
             self.k_b_proj = KeyUpProjection(k_ranks, self.head_dim, bias=config.attention_bias)
             self.v_a_proj = nn.Linear(hidden, v_rank, bias=False)
             self.v_b_proj = nn.Linear(v_rank, kv_dim, bias=config.attention_bias)
+            self.codecs = None  # quantized latents: stored as uint8 rows of codes and scales, attended dequantized
+            if config.kv_quant is not None:
+                group = config.kv_quant["group"]
+                self.codecs = (
+                    LatentCodec(k_ranks, config.kv_quant["k_n8"][layer_idx], group),
+                    LatentCodec([v_rank], [config.kv_quant["v_n8"][layer_idx]], group),
+                )
         else:
             self.k_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
             self.v_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
@@ -184,7 +192,13 @@ class StarKVAttention(nn.Module):
         """Caches the new latents; returns rotated keys, then rebuilt values (None for a decode step) and latents."""
         key_latents = self.k_a_proj(hidden_states)
         value_latents = self.v_a_proj(hidden_states)
-        if past_key_values is not None:
+        if self.codecs is not None:  # with or without a cache, attention reads the quantized latents
+            (k_codec, v_codec), dtype = self.codecs, key_latents.dtype
+            k_rows, v_rows = k_codec.encode(key_latents), v_codec.encode(value_latents)
+            if past_key_values is not None:
+                k_rows, v_rows = past_key_values.update_latents(k_rows, v_rows, self.layer_idx)
+            key_latents, value_latents = k_codec.decode(k_rows, dtype), v_codec.decode(v_rows, dtype)
+        elif past_key_values is not None:
             key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
         # a sliding-window layer reads only the latest tokens: the positions' tail
         cos_k, sin_k = (t[:, -key_latents.shape[1] :].unsqueeze(1) for t in key_position_embeddings)
@@ -331,7 +345,12 @@ class StarKVModel(StarKVPreTrainedModel):
         key_position_embeddings, rope = position_embeddings, None
         if past_key_values is not None:
             key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
-            if inputs_embeds.shape[1] == 1 and past_seen_tokens > 0 and use_decode_kernel(inputs_embeds.device):
+            if (
+                inputs_embeds.shape[1] == 1
+                and past_seen_tokens > 0
+                and self.config.kv_quant is None  # the kernel reads unquantized latents (quantized: PyTorch path)
+                and use_decode_kernel(inputs_embeds.device)
+            ):
                 inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
                 tables = None  # cos/sin of the cached positions, once per step for all layers (16-bit models)
                 if inputs_embeds.dtype != torch.float32:

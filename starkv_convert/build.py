@@ -15,13 +15,14 @@ AUTO_MAP = {
 }
 
 
-def starkv_config(base_config: Any, plan: RankPlan, dtype: torch.dtype) -> Any:
-    """The StarKVConfig of the converted model: the base architecture plus the ranks."""
+def starkv_config(base_config: Any, plan: RankPlan, dtype: torch.dtype, kv_quant: dict | None = None) -> Any:
+    """The StarKVConfig of the converted model: the base architecture plus the ranks (and the latents' bits)."""
     config_class = import_remote("configuration_starkv").StarKVConfig
     config = config_class(
         **starkv_config_kwargs(base_config),
         kv_k_ranks=plan.k,
         kv_v_ranks=plan.v,
+        kv_quant=kv_quant,
         architectures=["StarKVForCausalLM"],
         auto_map=dict(AUTO_MAP),
         dtype=str(dtype).removeprefix("torch."),

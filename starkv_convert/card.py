@@ -93,7 +93,7 @@ Perplexity on {ppl["data"]} ({_fmt(ppl["tokens"])} predicted tokens):
 ## Ranks
 
 Rank selection: {method.get(budget["method"], budget["method"])}; initialization: {budget["init"]}
-(damping {budget["damp"]}); budget: --kv-ratio {budget["kv_ratio"]}{_side_ratios(budget)}; layers kept full:
+(damping {budget["damp"]}); budget: --kv-ratio {budget["kv_ratio"]}{_side_ratios(budget)}{_bits(budget)}; layers kept full:
 {budget["skip_layers"] or "none"}.
 
 ![ranks per layer and head](ranks.png)
@@ -140,3 +140,12 @@ compressed layers. Threshold phase: {learning["threshold_steps"]} steps (at most
 (KL(base || student), nats per token): {_fmt(learning["kd_first"], 4)} at the first step,
 {_fmt(learning["kd_last"], 4)} at the last. Only the key/value factors trained.
 """
+
+
+def _bits(budget: dict[str, Any]) -> str:
+    bits = budget.get("kv_bits", "16")
+    if bits == "16":
+        return ""
+    if bits == "mixed":
+        return f"; latents quantized: the leading {budget['kv_8bit_share']:.0%} of each block's channels in 8 bits, the rest in 4"
+    return f"; latents quantized to {bits} bits"

@@ -77,6 +77,15 @@ def convert_parser() -> argparse.ArgumentParser:
     learn.add_argument("--train-batch-size", type=int, help=f"blocks per training step (default {gpu[2]} / {cpu[2]})")
     learn.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps, 0: never")
     learn.add_argument("--resume", action="store_true", help="continue from OUTPUT.train-state of an interrupted run")
+    p.add_argument(
+        "--kv-bits",
+        default="16",
+        choices=["16", "8", "4", "mixed"],
+        help="cached latents in the model dtype (16), int8, int4, or mixed: the leading channels in 8 bits",
+    )
+    p.add_argument(
+        "--kv-8bit-share", type=float, default=0.25, help="with --kv-bits mixed: share of channels in 8 bits"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the validated checkpoint to the Hub")
     p.add_argument("--private", action="store_true", help="make the Hub repository private")
@@ -118,6 +127,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         device_map=args.device_map,
         max_memory=args.max_memory,
         batch_size=args.batch_size,
+        kv_bits=args.kv_bits,
+        kv_8bit_share=args.kv_8bit_share,
         learn=learn,
         resume=args.resume,
         overwrite=args.overwrite,

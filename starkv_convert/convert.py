@@ -37,7 +37,16 @@ from .loading import (
 from .placement import full_state_dict, module_tensor, parse_max_memory
 from .plot import RANKS_PLOT, plot_ranks
 from .push import REPORT, push_to_hub
-from .ranks import Budget, ModelShape, RankPlan, energy_ranks, make_budget, parse_skip_layers, uniform_ranks
+from .ranks import (
+    Budget,
+    ModelShape,
+    RankPlan,
+    energy_ranks,
+    make_budget,
+    parse_skip_layers,
+    quantization_plan,
+    uniform_ranks,
+)
 from .statistics import attention_input_moments
 from .validation import validate_checkpoint
 
@@ -68,6 +77,8 @@ class ConvertOptions:
     device_map: str | None = None  # "auto": accelerate spreads the model over GPUs, CPU memory and disk
     max_memory: str | None = None  # with device_map: "0:20GiB,cpu:64GiB"
     batch_size: int = 4
+    kv_bits: str = "16"  # "16" (latents in the model dtype), "8", "4" or "mixed"
+    kv_8bit_share: float = 0.25  # with "mixed": the leading share of each block's channels kept in 8 bits
     learn: LearnOptions = field(default_factory=LearnOptions)
     resume: bool = False
     overwrite: bool = False
@@ -101,6 +112,10 @@ def check_options(options: ConvertOptions) -> None:
         raise StarKVError("--steps, --recovery-steps and --checkpoint-every must be >= 0, --train-batch-size >= 1")
     if not (learn.lr > 0 and learn.threshold_lr > 0 and learn.compression >= 0):
         raise StarKVError("--lr and --threshold-lr must be > 0 and --compression >= 0")
+    if options.kv_bits not in ("16", "8", "4", "mixed"):
+        raise StarKVError(f"--kv-bits {options.kv_bits!r}: use 16, 8, 4 or mixed")
+    if not 0 <= options.kv_8bit_share <= 1:
+        raise StarKVError(f"--kv-8bit-share must be in [0, 1], got {options.kv_8bit_share}")
     if options.resume and options.method != "learned":
         raise StarKVError("--resume continues the training of --method learned; drop it for other methods")
     if options.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", options.push_to_hub):
@@ -251,6 +266,8 @@ def build_report(
             "init": options.init,
             "damp": options.damp,
             "skip_layers": skip,
+            "kv_bits": options.kv_bits,
+            "kv_8bit_share": options.kv_8bit_share if options.kv_bits == "mixed" else None,
             "k_values": sum(sum(k) for k in plan.k if k is not None),
             "v_values": sum(v for v in plan.v if v is not None),
         },
@@ -371,7 +388,9 @@ def convert(options: ConvertOptions) -> Path:
             t = lap("learn", t)
         _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
 
-        config = starkv_config(model.config, plan, dtype)
+        config = starkv_config(
+            model.config, plan, dtype, quantization_plan(plan, options.kv_bits, options.kv_8bit_share)
+        )
         state = latent_state_dict(full_state_dict(model), factors, plan, dtype)
         del factors, moments
         write_checkpoint(staging, config, state, tokenizer, model.generation_config)

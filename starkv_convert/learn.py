@@ -289,6 +289,7 @@ def _batches(blocks: torch.Tensor, batch_size: int, seed: int, step: int) -> tor
     return blocks[order[within * batch_size : (within + 1) * batch_size]]
 
 
+@torch.enable_grad()  # trains even when called under torch.no_grad()
 def learn_ranks(
     model: Any,
     factors: dict[int, LayerFactors],

@@ -171,6 +171,25 @@ def energy_ranks(factors: dict[int, LayerFactors], shape: ModelShape, skip: list
     return plan
 
 
+def quantization_plan(plan: RankPlan, bits: str, share: float, group: int = 32) -> dict | None:
+    """
+    The config's `kv_quant` for `--kv-bits`: "16" none, "8" every channel in 8 bits, "4" every channel in 4 bits,
+    "mixed" the leading `share` of each block's channels (largest singular values) in 8 bits and the rest in 4.
+    """
+    if bits == "16":
+        return None
+    fraction = {"8": 1.0, "4": 0.0, "mixed": share}[bits]
+
+    def n8(rank: int) -> int:
+        return min(rank, round(fraction * rank))
+
+    return {
+        "group": group,
+        "k_n8": [None if k is None else [n8(r) for r in k] for k in plan.k],
+        "v_n8": [None if v is None else n8(v) for v in plan.v],
+    }
+
+
 def _top_counts(scores: torch.Tensor, block_ids: torch.Tensor, n_blocks: int, n_take: int) -> torch.Tensor:
     """How many of each block's components are among the `n_take` highest scores."""
     n_take = max(0, min(n_take, len(scores)))

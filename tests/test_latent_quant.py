@@ -54,3 +54,22 @@ def test_zero_groups_and_extremes():
 def test_bad_split_is_refused():
     with pytest.raises(ValueError, match="n8"):
         quant.quantize_latents(torch.randn(2, 8), 9)
+
+
+def test_codec_rows_round_trip_ragged_blocks():
+    codec = quant.LatentCodec([38, 5, 17], [10, 0, 17], group=16)
+    z = torch.randn(2, 9, 60)
+    rows = codec.encode(z)
+    assert rows.dtype == torch.uint8 and rows.shape == (2, 9, codec.bytes_per_token)
+    back = codec.decode(rows, torch.float32)
+    expected = torch.cat(
+        [
+            quant.dequantize_latents(quant.quantize_latents(b, n8, 16))
+            for b, n8 in zip(z.split([38, 5, 17], dim=-1), [10, 0, 17])
+        ],
+        dim=-1,
+    )
+    assert torch.equal(back, expected)
+    assert torch.equal(codec.decode(rows[:, 3:5], torch.float32), expected[:, 3:5])  # rows are per token
+    with pytest.raises(ValueError):
+        quant.LatentCodec([4], [5], 32)
