@@ -25,15 +25,27 @@ from starkv_convert.convert import ConvertOptions, choose_ranks, factorize_model
 from starkv_convert.evaluate import perplexity
 from starkv_convert.learn import LearnOptions, learn_ranks
 from starkv_convert.loading import load_model, load_tokenizer, resolve_source
-from starkv_convert.ranks import make_budget
+from starkv_convert.ranks import make_budget, quantization_plan
+from starkv_convert.remote_code import import_remote
 from starkv_convert.statistics import attention_input_moments
 
+quantized_bytes_per_token = import_remote("latent_quant").quantized_bytes_per_token
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 
 
 def anchors_windows(tokenizer, text: Path, seq_len: int = 512, windows: int = 20, start: int = 100_000):
     ids = torch.tensor(tokenizer(text.read_text())["input_ids"])
     return ids, ids[start : start + windows * seq_len].view(windows, seq_len)
+
+
+def latent_bytes_per_token(config) -> int:
+    """Cached bytes per token of the quantized latents over all layers (the cache adds 4 for the position)."""
+    quant = config.kv_quant
+    total = 0
+    for i in range(config.num_hidden_layers):
+        pairs = list(zip(config.kv_k_ranks[i], quant["k_n8"][i])) + [(config.kv_v_ranks[i], quant["v_n8"][i])]
+        total += sum(quantized_bytes_per_token(r, n8, quant["group"]) for r, n8 in pairs)
+    return total
 
 
 def main() -> None:
@@ -53,6 +65,8 @@ def main() -> None:
     p.add_argument("--threshold-lr", type=float)
     p.add_argument("--compression", type=float, default=defaults.compression)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--kv-bits", nargs="+", default=["16"], help="also measure quantized latents: 8, 4, mixed")
+    p.add_argument("--kv-8bit-share", type=float, default=0.25)
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -122,6 +136,29 @@ def main() -> None:
                     }
                 )
                 print(f"{method:8s} ratio {ratio} damp {damp}: kept {plan.ratio(shape):.4f} ppl {ppl:.3f}", flush=True)
+                state = latent_state_dict(model.state_dict(), used, plan, torch.float32)
+                for bits in [b for b in args.kv_bits if b != "16"]:
+                    kv_quant = quantization_plan(plan, bits, args.kv_8bit_share)
+                    quantized = build_model(
+                        starkv_config(model.config, plan, torch.float32, kv_quant), state, args.device
+                    )
+                    q_ppl = perplexity(quantized, windows)
+                    latent_bytes = latent_bytes_per_token(quantized.config)
+                    rows.append(
+                        {
+                            "method": method,
+                            "kv_ratio": ratio,
+                            "kv_bits": bits,
+                            "kv_8bit_share": args.kv_8bit_share if bits == "mixed" else None,
+                            "perplexity": q_ppl,
+                            "vs_unquantized": q_ppl / ppl,
+                            "latent_bytes_per_token": latent_bytes,
+                            "reduction_vs_bf16_base": 2 * 2 * shape.side_floats * shape.num_layers / latent_bytes,
+                        }
+                    )
+                    print(
+                        f"{method:8s} ratio {ratio} {bits:>5s} bits: {latent_bytes} B/token ppl {q_ppl:.3f}", flush=True
+                    )
     import subprocess
 
     import transformers
@@ -141,9 +178,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
-    print(f"\n{'method':8s} {'ratio':>6s} {'damp':>6s} {'ppl':>9s}")
+    print(f"\n{'method':8s} {'ratio':>6s} {'bits':>5s} {'ppl':>9s} {'B/token':>8s}")
     for r in rows:
-        print(f"{r['method']:8s} {r['kv_ratio']:6.2f} {r.get('damp', 0):6.3f} {r['perplexity']:9.3f}")
+        bits, size = r.get("kv_bits", "16"), r.get("latent_bytes_per_token", "")
+        print(f"{r['method']:8s} {r['kv_ratio']:6.2f} {bits:>5s} {r['perplexity']:9.3f} {size:>8}")
 
 
 if __name__ == "__main__":
