@@ -3,6 +3,7 @@ Decode attention on an H100: PyTorch SDPA over the full bf16 cache against the S
 shapes of ../shared/ANCHORS.md (K keeps 38 of 128 per KV head, V keeps half of num_kv_heads * head_dim jointly).
 
     python benchmarks/decode_attention.py [--out DIR]
+    python benchmarks/decode_attention.py --kv-bits 4   # K 32 / V a quarter, latents in 4 bits (the ~16x setting)
 
 Times are medians of triton.testing.do_bench in ms; floors are the bytes that must be read once over the measured
 copy bandwidth. Inputs rotate over enough copies that the timed data never sits in L2.
@@ -31,7 +32,12 @@ ROWS = [  # name, query heads, KV heads, batch, context
     ("GQA 8B", 32, 8, 8, 16384),
     ("GQA 8B", 32, 8, 16, 32768),
 ]
-HEAD_DIM, K_RANK = 128, 38
+HEAD_DIM = 128
+SETTINGS = {  # --kv-bits: key rank per KV head, value rank per KV head, 8-bit share (None: bf16 latents)
+    "16": (38, HEAD_DIM // 2, None),  # ANCHORS.md: K 30%, V 50%
+    "4": (32, HEAD_DIM // 4, 0.0),  # K 25%, V 25%, every channel in 4 bits
+}
+K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS["16"]
 LAYERS = 32  # both shapes have 32 layers: the per-step RoPE tables are charged 1/32 to each layer's attention
 L2_BYTES = 50 << 20
 
@@ -43,7 +49,7 @@ def copies_for(nbytes: int) -> int:
 def latent_inputs(kv_heads: int, batch: int, tokens: int, generator: torch.Generator):
     d, dev = HEAD_DIM, "cuda"
     k_ranks = [K_RANK] * kv_heads
-    v_rank = kv_heads * d // 2
+    v_rank = kv_heads * V_PER_HEAD
     bf16 = dict(device=dev, dtype=torch.bfloat16)
     return dict(
         key_latents=torch.randn(batch, tokens, sum(k_ranks), generator=generator, **bf16),
@@ -62,12 +68,30 @@ def latent_inputs(kv_heads: int, batch: int, tokens: int, generator: torch.Gener
     )
 
 
+def quantize_inputs(kernels, inputs: dict) -> dict:
+    """The inputs with their latents stored as the codecs' uint8 rows (EIGHT_BIT share of channels in 8 bits)."""
+    quant = import_remote("latent_quant")
+    k_ranks, v_rank = inputs["k_ranks"], inputs["value_latents"].shape[-1]
+    codecs = (
+        quant.LatentCodec(k_ranks, [round(EIGHT_BIT * r) for r in k_ranks], 32),
+        quant.LatentCodec([v_rank], [round(EIGHT_BIT * v_rank)], 32),
+    )
+    rows = [c.encode(inputs[n]) for c, n in zip(codecs, ("key_latents", "value_latents"))]
+    return dict(inputs, key_latents=rows[0], value_latents=rows[1], codecs=codecs)
+
+
 def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     d = HEAD_DIM
     full_bytes = 2 * batch * kv_heads * tokens * d * 2
-    latent_values = kv_heads * K_RANK + kv_heads * d // 2
+    latent_values = kv_heads * K_RANK + kv_heads * V_PER_HEAD
     latent_bytes = batch * tokens * latent_values * 2
+    if EIGHT_BIT is not None:
+        quant = import_remote("latent_quant")
+        v_rank = kv_heads * V_PER_HEAD
+        per_token = kv_heads * quant.quantized_bytes_per_token(K_RANK, round(EIGHT_BIT * K_RANK), 32)
+        per_token += quant.quantized_bytes_per_token(v_rank, round(EIGHT_BIT * v_rank), 32)
+        latent_bytes = batch * tokens * per_token
 
     query = torch.randn(batch, heads, d, generator=g, device="cuda", dtype=torch.bfloat16)
     caches = [
@@ -85,6 +109,8 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     torch.cuda.empty_cache()
 
     latents = [latent_inputs(kv_heads, batch, tokens, g) for _ in range(copies_for(latent_bytes))]
+    if EIGHT_BIT is not None:
+        latents = [quantize_inputs(kernels, x) for x in latents]
     # RoPE tables: the model computes them once per decode step for all its layers (LAYERS here)
     tables = [kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
     table_calls = [lambda x=x: kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
@@ -102,6 +128,11 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
         sample[key] = sample[key][:2]
     sample_tables = kernels.rope_tables(sample["positions"], sample["inv_freq"], 1.0, torch.bfloat16)
     got = kernels.latent_decode_attention(query[:2], **sample, tables=sample_tables).float()
+    if "codecs" in sample:  # the reference reads the decoded latents
+        codecs = sample.pop("codecs")
+        sample["key_latents"], sample["value_latents"] = (
+            c.decode(sample[n], torch.float32) for c, n in zip(codecs, ("key_latents", "value_latents"))
+        )
     as_fp32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in sample.items()}
     expected = kernels.latent_decode_reference(query[:2].float(), **as_fp32)
     rel_error = ((got - expected).norm() / expected.norm()).item()
@@ -110,8 +141,7 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
 
     floors = {
         "full_cache": full_bytes / bandwidth * 1e3,
-        "latent_bf16": latent_bytes / bandwidth * 1e3,
-        "latent_4bit": latent_bytes / 4 / bandwidth * 1e3,
+        "latent": latent_bytes / bandwidth * 1e3,  # the latents as cached (bf16, or codes and scales)
     }
     return {
         "shape": name,
@@ -120,13 +150,15 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
         "batch": batch,
         "context": tokens,
         "k_ranks": K_RANK,
-        "v_rank": kv_heads * d // 2,
+        "v_rank": kv_heads * V_PER_HEAD,
+        "kv_bits": "16" if EIGHT_BIT is None else ("4" if EIGHT_BIT == 0 else f"mixed {EIGHT_BIT}"),
+        "latent_bytes_per_token": latent_bytes // (batch * tokens),
         "sdpa_ms": sdpa_ms,
         "rope_tables_ms_per_layer": table_ms,
         "starkv_ms": ours_ms,
         "speedup": {mode: sdpa_ms[mode] / ours_ms[mode] for mode in sdpa_ms},
         "floor_ms": floors,
-        "starkv_over_latent_floor": {mode: ours_ms[mode] / floors["latent_bf16"] for mode in ours_ms},
+        "starkv_over_latent_floor": {mode: ours_ms[mode] / floors["latent"] for mode in ours_ms},
         "achieved_latent_bandwidth_TBps": {mode: latent_bytes / (ours_ms[mode] * 1e-3) / 1e12 for mode in ours_ms},
         "rel_error_vs_fp32_reference": rel_error,
     }
@@ -136,21 +168,26 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--rows", type=int, nargs="*", help="indices of ROWS to run (default: all)")
+    p.add_argument("--kv-bits", choices=sorted(SETTINGS), default="16", help="16: K 30%% / V 50%% bf16 latents; "
+                   "4: K 25%% / V 25%% latents in 4 bits")  # fmt: skip
     args = p.parse_args()
+    global K_RANK, V_PER_HEAD, EIGHT_BIT
+    K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS[args.kv_bits]
     kernels = import_remote("latent_decode")
     bandwidth = copy_bandwidth()
     rows = [run_row(kernels, *ROWS[i], bandwidth) for i in (args.rows or range(len(ROWS)))]
     result = {"benchmark": "decode_attention", **environment(), "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
-    path = write_results("decode_attention", result, args.out)
+    name = "decode_attention" if args.kv_bits == "16" else f"decode_attention_{args.kv_bits}bit"
+    path = write_results(name, {**result, "kv_bits": args.kv_bits}, args.out)
     print(f"wrote {path}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print("times in ms (eager launches | CUDA-graph replays); floor: latent bf16 bytes / copy bandwidth")
+    print("times in ms (eager launches | CUDA-graph replays); floor: latent bytes as cached / copy bandwidth")
     print(f"{'shape':8s} {'B':>3s} {'ctx':>4s} {'SDPA':>13s} {'STAR-KV':>13s} {'speedup':>13s} {'floor':>6s} "
           f"{'x floor (graph)':>15s} {'rel err':>8s}")  # fmt: skip
     for r in rows:
         e, gr = "eager", "graph"
         print(f"{r['shape']:8s} {r['batch']:3d} {r['context'] // 1024:3d}K "
               f"{r['sdpa_ms'][e]:6.3f}|{r['sdpa_ms'][gr]:6.3f} {r['starkv_ms'][e]:6.3f}|{r['starkv_ms'][gr]:6.3f} "
-              f"{r['speedup'][e]:5.2f}x|{r['speedup'][gr]:5.2f}x {r['floor_ms']['latent_bf16']:6.3f} "
+              f"{r['speedup'][e]:5.2f}x|{r['speedup'][gr]:5.2f}x {r['floor_ms']['latent']:6.3f} "
               f"{r['starkv_over_latent_floor'][gr]:14.2f}x {r['rel_error_vs_fp32_reference']:8.1e}")  # fmt: skip
 
 

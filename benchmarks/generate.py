@@ -3,6 +3,7 @@ End-to-end decode on an H100: a Llama-3.1-8B-shaped model (random bf16 weights) 
 K keeping 30% (38 of 128 per KV head) and V 50% (512 of 1024) of the cache, both with transformers' dynamic caches.
 
     python benchmarks/generate.py [--context 32768] [--batch 16] [--steps 16]
+    python benchmarks/generate.py --kv-bits 4   # K 25% (32 of 128) / V 25% (256 of 1024), latents in 4 bits
     python benchmarks/generate.py --check-greedy CHECKPOINT   # kernel vs PyTorch path, 64 greedy tokens
 
 Caches are filled with random values of the right shapes instead of running a prefill: prefill memory is the subject
@@ -34,7 +35,8 @@ LLAMA_31_8B = dict(
     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
 )  # fmt: skip
-K_RANK, V_RANK = 38, 512
+SETTINGS = {"16": (38, 512, False), "4": (32, 256, True)}  # --kv-bits: key rank per head, value rank, 4-bit latents
+K_RANK, V_RANK, FOUR_BIT = SETTINGS["16"]
 
 
 def stock_model():
@@ -51,7 +53,8 @@ def starkv_model():
 
     layers = LLAMA_31_8B["num_hidden_layers"]
     plan = RankPlan(k=[[K_RANK] * 8 for _ in range(layers)], v=[V_RANK] * layers)
-    config = starkv_config(LlamaConfig(**LLAMA_31_8B), plan, torch.bfloat16)
+    kv_quant = {"group": 32, "k_n8": [[0] * 8 for _ in range(layers)], "v_n8": [0] * layers} if FOUR_BIT else None
+    config = starkv_config(LlamaConfig(**LLAMA_31_8B), plan, torch.bfloat16, kv_quant)
     model_class = import_remote("modeling_starkv").StarKVForCausalLM
     with torch.device("cuda"):
         return model_class(config).eval()
@@ -63,9 +66,16 @@ def filled_cache(model, batch: int, tokens: int):
     g = torch.Generator(device="cuda").manual_seed(0)
     if config.model_type == "starkv":
         cache = import_remote("cache_starkv").StarKVCache(config)
-        for i in range(config.num_hidden_layers):
-            zk = torch.randn(batch, tokens, sum(config.kv_k_ranks[i]), device="cuda", dtype=torch.bfloat16, generator=g)
-            zv = torch.randn(batch, tokens, config.kv_v_ranks[i], device="cuda", dtype=torch.bfloat16, generator=g)
+        for i, layer in enumerate(model.model.layers):
+            if config.kv_quant is not None:  # one sequence's codes and scales, repeated over the batch
+                zk = torch.randn(1, tokens, sum(config.kv_k_ranks[i]), device="cuda", dtype=torch.bfloat16, generator=g)
+                zv = torch.randn(1, tokens, config.kv_v_ranks[i], device="cuda", dtype=torch.bfloat16, generator=g)
+                k_codec, v_codec = layer.self_attn.codecs
+                zk, zv = (rows.expand(batch, -1, -1).contiguous() for rows in (k_codec.encode(zk), v_codec.encode(zv)))
+            else:
+                shape = (batch, tokens)
+                zk = torch.randn(*shape, sum(config.kv_k_ranks[i]), device="cuda", dtype=torch.bfloat16, generator=g)
+                zv = torch.randn(*shape, config.kv_v_ranks[i], device="cuda", dtype=torch.bfloat16, generator=g)
             cache.update_latents(zk, zv, i)
         cache.update_positions(torch.arange(tokens, device="cuda")[None], batch)
         return cache
@@ -109,7 +119,7 @@ def fits(model, batch: int, tokens: int) -> bool:
         torch.cuda.empty_cache()
 
 
-def largest_batch(model, tokens: int, high: int = 256) -> int:
+def largest_batch(model, tokens: int, high: int = 512) -> int:
     low = 0  # fits(low) holds; find the largest fitting batch up to `high`
     while low < high:
         mid = (low + high + 1) // 2
@@ -132,10 +142,21 @@ def measure(name: str, build, batch: int, tokens: int, steps: int, largest: int 
     result = {"model": name, "weights_GB": weights / 1e9}
     result["largest_batch"] = largest if largest is not None else largest_batch(model, tokens)
     result["batch"] = batch = min(batch, result["largest_batch"]) if batch else result["largest_batch"]
-    cache = filled_cache(model, batch, tokens)
-    result["cache_GB"] = (torch.cuda.memory_allocated() - weights) / 1e9
-    torch.cuda.reset_peak_memory_stats()
-    seconds = decode_steps(model, cache, batch, tokens, steps)
+    while True:  # the bisection ran 3 steps: at the edge of memory a longer run may not fit, then step down by 2%
+        try:
+            cache = filled_cache(model, batch, tokens)
+            result["cache_GB"] = (torch.cuda.memory_allocated() - weights) / 1e9
+            torch.cuda.reset_peak_memory_stats()
+            seconds = decode_steps(model, cache, batch, tokens, steps)
+            break
+        except torch.OutOfMemoryError:
+            cache = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            if batch < result["largest_batch"] or batch <= 1:
+                raise
+            result["largest_batch"] = result["batch"] = batch = batch - max(1, batch // 50)
+            print(f"{name}: out of memory over {steps} steps, retrying at batch {batch}", flush=True)
     result.update(
         ms_per_step=seconds * 1e3,
         tokens_per_s=batch / seconds,
@@ -192,18 +213,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--check-greedy", metavar="CHECKPOINT")
     p.add_argument("--out", default=os.environ.get("OUT"))
+    p.add_argument("--kv-bits", choices=sorted(SETTINGS), default="16", help="16: K 30%% / V 50%% bf16 latents; "
+                   "4: K 25%% / V 25%% latents in 4 bits")  # fmt: skip
     args = p.parse_args()
+    global K_RANK, V_RANK, FOUR_BIT
+    K_RANK, V_RANK, FOUR_BIT = SETTINGS[args.kv_bits]
+    label = "STAR-KV K30%/V50%" if args.kv_bits == "16" else "STAR-KV K25%/V25% 4-bit"
     env = environment()
     if args.check_greedy:
         write_results("greedy_kernel_vs_torch", {**env, **check_greedy(args.check_greedy)}, args.out)
         return
     stock = measure("stock Llama-3.1-8B shape, SDPA, DynamicCache", stock_model, 0, args.context, args.steps)
     batch = min(args.batch, stock["largest_batch"])
-    ours_max = measure(
-        "STAR-KV K30%/V50%, Triton decode, at its largest batch", starkv_model, 0, args.context, args.steps
-    )
+    ours_max = measure(f"{label}, Triton decode, at its largest batch", starkv_model, 0, args.context, args.steps)
     largest = ours_max["largest_batch"]
-    ours = measure("STAR-KV K30%/V50%, Triton decode", starkv_model, batch, args.context, args.steps, largest)
+    ours = measure(f"{label}, Triton decode", starkv_model, batch, args.context, args.steps, largest)
     stock_at = stock
     if batch != stock["largest_batch"]:
         stock_at = measure(
@@ -215,12 +239,13 @@ def main() -> None:
         "context": args.context,
         "k_rank": K_RANK,
         "v_rank": V_RANK,
+        "kv_bits": args.kv_bits,
         "rows": [stock, stock_at, ours, ours_max],
         "decode_speedup_same_batch": ours["tokens_per_s"] / stock_at["tokens_per_s"],
         "throughput_ratio_each_at_largest_batch": ours_max["tokens_per_s"] / stock["tokens_per_s"],
         "largest_batch_ratio": ours_max["largest_batch"] / stock["largest_batch"],
     }
-    path = write_results("generate", result, args.out)
+    path = write_results("generate" if args.kv_bits == "16" else f"generate_{args.kv_bits}bit", result, args.out)
     print(f"wrote {path}")
     print(f"{'model':48s} {'batch':>5s} {'max B':>5s} {'ms/step':>8s} {'tok/s':>7s} {'peak GB':>8s}")
     for r in result["rows"]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_attention import ROWS, latent_inputs  # noqa: E402
+import decode_attention  # noqa: E402
+from decode_attention import ROWS, latent_inputs, quantize_inputs  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
@@ -64,12 +65,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="*", default=[7, 3])
     p.add_argument("--quick", action="store_true", help="only the default and the old settings")
+    p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
+    p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     args = p.parse_args()
+    decode_attention.K_RANK, decode_attention.V_PER_HEAD, decode_attention.EIGHT_BIT = decode_attention.SETTINGS[
+        args.kv_bits
+    ]
     g = torch.Generator(device="cuda").manual_seed(0)
     for index in args.rows:
         name, heads, kv_heads, batch, tokens = ROWS[index]
         inputs = latent_inputs(kv_heads, batch, tokens, g)
+        if decode_attention.EIGHT_BIT is not None:
+            inputs = quantize_inputs(kernels, inputs)
         tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
+        if args.shared_tables:  # one table for every sequence (batch stride 0)
+            tables = tuple(t[:1].expand_as(t) for t in tables)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
         variants = QUICK if args.quick else VARIANTS
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")

@@ -124,6 +124,29 @@ if triton is not None:
         return tl.cos(angle), tl.sin(angle)
 
     @triton.jit
+    def _dequantized(ROWS, row, tok_ok, c, rank, n8, GROUP: tl.constexpr, DTYPE: tl.constexpr):
+        """
+        Columns `c` of a block's latents for a tile of tokens, from the codec's uint8 rows (`row`: the byte offset of
+        each token's block): int8 codes of the leading n8 channels, then int4 codes two per byte (low nibble first),
+        then the fp16 scales of the 8-bit groups and of the 4-bit groups. Same result as `dequantize_latents`.
+        """
+        n4 = rank - n8
+        scales8 = n8 + (n4 + 1) // 2
+        scales4 = scales8 + 2 * ((n8 + GROUP - 1) // GROUP)
+        is8 = c < n8
+        j = tl.where(is8, 0, c - n8)
+        ok = tok_ok[:, None] & (c < rank)[None, :]
+        raw = tl.load(ROWS + row[:, None] + tl.where(is8, c, n8 + j // 2)[None, :], mask=ok, other=0)
+        code8 = raw.to(tl.int8, bitcast=True).to(tl.float32)
+        code4 = ((raw.to(tl.int32) >> (4 * (j % 2))[None, :]) & 15).to(tl.float32) - 8.0
+        at = row[:, None] + tl.where(is8, scales8 + 2 * (c // GROUP), scales4 + 2 * (j // GROUP))[None, :]
+        bits = tl.load(ROWS + at, mask=ok, other=0).to(tl.uint16) | (
+            tl.load(ROWS + at + 1, mask=ok, other=0).to(tl.uint16) << 8
+        )
+        scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
+        return (tl.where(is8[None, :], code8, code4) * scale).to(DTYPE)
+
+    @triton.jit
     def _head_weights(
         W, stride_wd, offset, rank, row_len, dims,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
@@ -160,31 +183,45 @@ if triton is not None:
 
     @triton.jit
     def _head_keys(
-        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi,
-        R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
+        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff,
+        R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
     ):  # fmt: skip
-        """One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores)."""
+        """
+        One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores).
+        QUANT: the latents are dequantized from the head's codes and scales at byte `boff` of each token's row.
+        """
         c = tl.arange(0, R1)
-        z = tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0)
+        if QUANT:
+            z = _dequantized(ZK, zrow + boff, tok_ok, c, limit, n8, GROUP, w1_lo.dtype)
+        else:
+            z = tl.load(
+                ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
+            )
         k_lo = tl.dot(z, w1_lo, input_precision=PRECISION)
         k_hi = tl.dot(z, w1_hi, input_precision=PRECISION)
         if R2 > 0:
             c2 = R1 + tl.arange(0, R2)
-            z2 = tl.load(
-                ZK + zrow[:, None] + (start + c2)[None, :], mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0
-            )
+            if QUANT:
+                z2 = _dequantized(ZK, zrow + boff, tok_ok, c2, limit, n8, GROUP, w1_lo.dtype)
+            else:
+                z2 = tl.load(
+                    ZK + zrow[:, None] + (start + c2)[None, :], mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0
+                )
             k_lo = tl.dot(z2, w2_lo, k_lo, input_precision=PRECISION)
             k_hi = tl.dot(z2, w2_hi, k_hi, input_precision=PRECISION)
         return k_lo, k_hi
 
     @triton.jit
     def _rotated_keys(
-        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps,
+        cos, sin,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_NORM: tl.constexpr, DTYPE: tl.constexpr,
+        HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
     ):  # fmt: skip
         """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
-        k_lo, k_hi = _head_keys(ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, R1, R2, PRECISION)
+        k_lo, k_hi = _head_keys(
+            ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff, R1, R2, PRECISION, QUANT, GROUP
+        )  # fmt: skip
         if HAS_BIAS:
             k_lo += bias_lo[None, :]
             k_hi += bias_hi[None, :]
@@ -196,9 +233,9 @@ if triton is not None:
 
     @triton.jit
     def _head_setup(
-        Q, W, RANKS, OFFSETS, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+        Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
     ):  # fmt: skip
         """What the scores pass keeps of a KV head across its tiles: weights, its G queries (transposed), bias."""
         start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
@@ -213,20 +250,26 @@ if triton is not None:
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        return start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi
+        if QUANT:  # the head's 8-bit channels and the byte offset of its codes in a token's row
+            n8 = tl.load(N8 + head)
+            boff = tl.load(BOFF + head).to(tl.int64)
+        else:
+            n8 = 0
+            boff = 0
+        return start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi, n8, boff
 
     @triton.jit
     def _head_tile_scores(
         ZK, zrow, in_range, keep, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
     ):  # fmt: skip
         """Scores of a KV head's G query heads over one tile, stored to the scores buffer."""
-        start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi = setup
+        start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi, n8, boff = setup
         rot_lo, rot_hi = _rotated_keys(
-            ZK, zrow, in_range, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, bias_lo, bias_hi, norm_lo, norm_hi, eps,
-            cos, sin, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype,
+            ZK, zrow, in_range, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi,
+            eps, cos, sin, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP,
         )  # fmt: skip
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
@@ -239,7 +282,7 @@ if triton is not None:
 
     @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, KBIAS, NORMW, INVF, S, COS, SIN,
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, N8, BOFF, KBIAS, NORMW, INVF, S, COS, SIN,
         T, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
@@ -247,6 +290,7 @@ if triton is not None:
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
         HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+        QUANT: tl.constexpr, GROUP: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -259,22 +303,22 @@ if triton is not None:
         g = tl.arange(0, GP)
         i = tl.arange(0, BT)
         setup0 = _head_setup(
-            Q, W, RANKS, OFFSETS, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+            Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
-                Q, W, RANKS, OFFSETS, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+                Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
-                Q, W, RANKS, OFFSETS, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+                Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
             )  # fmt: skip
             setup3 = _head_setup(
-                Q, W, RANKS, OFFSETS, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS,
+                Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -314,30 +358,32 @@ if triton is not None:
             srow = b * stride_sb
             _head_tile_scores(
                 ZK, zrow, in_range, keep, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin, scaling,
-                stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
                 )  # fmt: skip
 
     @triton.jit
     def _values_kernel(
-        S, ZV, ACC, MAX, SUM,
-        T, tiles_per_split, num_heads, v_rank,
+        S, ZV, ACC, MAX, SUM, OUT,
+        T, tiles_per_split, num_heads, v_rank, v_n8,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
-        HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr,
+        HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
+        GROUP: tl.constexpr,
     ):  # fmt: skip
+        """QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits), dequantized here."""
         block = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -356,11 +402,15 @@ if triton is not None:
                 mask=head_ok[:, None] & in_range[None, :],
                 other=float("-inf"),
             )
-            z = tl.load(
-                ZV + b * stride_zb + t[:, None] * stride_zt + rv[None, :],
-                mask=in_range[:, None] & (rv[None, :] < v_rank),
-                other=0.0,
-            )
+            if QUANT:
+                z = _dequantized(ZV, b * stride_zb + t * stride_zt, in_range, rv, v_rank, v_n8, GROUP,
+                                 OUT.dtype.element_ty)  # fmt: skip
+            else:
+                z = tl.load(
+                    ZV + b * stride_zb + t[:, None] * stride_zt + rv[None, :],
+                    mask=in_range[:, None] & (rv[None, :] < v_rank),
+                    other=0.0,
+                )
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
@@ -469,6 +519,21 @@ def _rank_tables(ranks: list[int], device: torch.device) -> tuple[torch.Tensor, 
     return _RANK_TABLES[key]
 
 
+_CODEC_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _codec_tables(codec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(8-bit channels, byte offset in the row) of each block of a `LatentCodec`, int32 on `device`, made once."""
+    key = (tuple(codec.ranks), tuple(codec.n8), codec.group, str(device))
+    if key not in _CODEC_TABLES:
+        offsets = [sum(codec.sizes[:j]) for j in range(len(codec.sizes))]
+        _CODEC_TABLES[key] = (
+            torch.tensor(codec.n8, dtype=torch.int32, device=device),
+            torch.tensor(offsets, dtype=torch.int32, device=device),
+        )
+    return _CODEC_TABLES[key]
+
+
 def latent_decode_attention(
     query: torch.Tensor,
     key_latents: torch.Tensor,
@@ -486,11 +551,14 @@ def latent_decode_attention(
     scaling: float,
     config: dict | None = None,
     tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    codecs: tuple | None = None,
 ) -> torch.Tensor:
     """
     The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32. `tables`:
     `rope_tables(...)` of these positions (16-bit inputs only), which makes the scores pass about twice as fast;
-    without them RoPE uses angle addition. `config` overrides the launch settings of `DEFAULT_CONFIG`.
+    without them RoPE uses angle addition. `config` overrides the launch settings of `DEFAULT_CONFIG`. `codecs`:
+    the layer's (key, value) `LatentCodec`s when the latents are quantized; `key_latents` and `value_latents` are
+    then their uint8 rows, dequantized on the fly (the reference of that is the codecs' `decode`).
     """
     if config and set(config) - set(DEFAULT_CONFIG):
         raise ValueError(f"unknown launch settings {sorted(set(config) - set(DEFAULT_CONFIG))}")
@@ -499,8 +567,17 @@ def latent_decode_attention(
     batch, num_heads, head_dim = query.shape
     tokens = key_latents.shape[1]
     num_kv_heads, v_rank = len(k_ranks), value_latents.shape[-1]
-    groups = num_heads // num_kv_heads
     device = query.device
+    quant = codecs is not None
+    if quant:
+        k_codec, v_codec = codecs
+        if key_latents.dtype != torch.uint8 or list(k_codec.ranks) != list(k_ranks) or len(v_codec.ranks) != 1:
+            raise ValueError(
+                "quantized latents: uint8 rows of a key codec with these ranks and a one-block value codec"
+            )
+        v_rank, group = v_codec.ranks[0], k_codec.group
+        n8_table, byte_offsets = _codec_tables(k_codec, device)
+    groups = num_heads // num_kv_heads
     key_latents = key_latents if key_latents.stride(-1) == 1 else key_latents.contiguous()
     value_latents = value_latents if value_latents.stride(-1) == 1 else value_latents.contiguous()
     query = query.contiguous()
@@ -518,7 +595,10 @@ def latent_decode_attention(
     tiles = triton.cdiv(tokens, block_tokens)
     precision = "ieee" if exact else "tf32"
     row_len = key_latents.shape[-1]
-    aligned = bool(cfg["aligned_latents"]) and row_len % 8 == 0 and key_latents.stride(1) % 8 == 0
+    aligned = bool(cfg["aligned_latents"]) and row_len % 8 == 0 and key_latents.stride(1) % 8 == 0 and not quant
+    if not quant:
+        n8_table = byte_offsets = ranks
+        group = 32
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
@@ -537,7 +617,7 @@ def latent_decode_attention(
     if not use_table:
         cos_t = sin_t = scores
     _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
-        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets,
+        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, n8_table, byte_offsets,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
         tokens, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
@@ -546,7 +626,7 @@ def latent_decode_attention(
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
-        ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision,
+        ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
@@ -555,15 +635,15 @@ def latent_decode_attention(
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
+    aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
     _values_kernel[(triton.cdiv(v_rank, value_block), v_splits, batch)](
-        scores, value_latents, partial, maxes, sums,
-        tokens, v_per_split, num_heads, v_rank,
+        scores, value_latents, partial, maxes, sums, aggregated,
+        tokens, v_per_split, num_heads, v_rank, v_codec.n8[0] if quant else 0,
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision,
+        HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
-    aggregated = torch.empty(batch, num_heads, v_rank, dtype=value_latents.dtype, device=device)
     _merge_kernel[(triton.cdiv(v_rank, value_block), batch)](
         partial, maxes, sums, aggregated,
         v_splits, num_heads, v_rank,

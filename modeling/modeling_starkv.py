@@ -154,9 +154,10 @@ class StarKVAttention(nn.Module):
         rope: tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None],
     ) -> torch.Tensor:
         """One decode query per sequence over the cached latents, fused in Triton; returns (batch, heads, head_dim)."""
-        key_latents, value_latents = past_key_values.update_latents(
-            self.k_a_proj(hidden_states), self.v_a_proj(hidden_states), self.layer_idx
-        )
+        key_latents, value_latents = self.k_a_proj(hidden_states), self.v_a_proj(hidden_states)
+        if self.codecs is not None:  # cached as codes and scales; the kernel dequantizes them as it reads
+            key_latents, value_latents = self.codecs[0].encode(key_latents), self.codecs[1].encode(value_latents)
+        key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
         tokens = key_latents.shape[1]
         valid = None
         if attention_mask is not None:
@@ -181,6 +182,7 @@ class StarKVAttention(nn.Module):
             self.v_b_proj.bias,
             self.scaling,
             tables=tables,
+            codecs=self.codecs,
         )
 
     def _latent_keys_values(
@@ -345,12 +347,7 @@ class StarKVModel(StarKVPreTrainedModel):
         key_position_embeddings, rope = position_embeddings, None
         if past_key_values is not None:
             key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
-            if (
-                inputs_embeds.shape[1] == 1
-                and past_seen_tokens > 0
-                and self.config.kv_quant is None  # the kernel reads unquantized latents (quantized: PyTorch path)
-                and use_decode_kernel(inputs_embeds.device)
-            ):
+            if inputs_embeds.shape[1] == 1 and past_seen_tokens > 0 and use_decode_kernel(inputs_embeds.device):
                 inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
                 tables = None  # cos/sin of the cached positions, once per step for all layers (16-bit models)
                 if inputs_embeds.dtype != torch.float32:

@@ -8,6 +8,7 @@ triton = pytest.importorskip("triton")
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
 kernels = import_remote("latent_decode")
+latent_quant = import_remote("latent_quant")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -178,6 +179,36 @@ def test_wide_value_rank(poisoned, dtype):
     check(make_case(1, 70, 2, 2, 64, [9, 30], 1030, seed=11), dtype)
 
 
+QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
+    (4, [13, 38], [0, 10], 45, 12, 32, {}),  # a 4-bit-only head; 4-bit parts of odd size
+    (1, [5, 38, 21], [5, 0, 7], 70, 0, 32, {"pad": 11, "bias": True}),  # an 8-bit-only head, 4-bit values
+    (3, [7, 33, 40, 16], [3, 33, 0, 9], 96, 96, 16, {"norm": True, "rope_scale": 1.3}),  # groups of 16
+    (2, [38, 19], [38, 1], 1030, 301, 32, {"pad": 40}),  # wide value rank: blocks of 128 columns
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups, k_ranks, k_n8, v_rank, v_n8, group, extras", QUANT_CASES)
+def test_quantized_latents(poisoned, dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras):
+    """The kernel reads the codecs' uint8 rows and dequantizes on the fly: equal to the reference on decoded rows."""
+    case = make_case(2, 101, len(k_ranks), groups, 64, k_ranks, v_rank, seed=20 + groups, **extras)
+    codecs = (latent_quant.LatentCodec(k_ranks, k_n8, group), latent_quant.LatentCodec([v_rank], [v_n8], group))
+    inputs = cast(case, dtype)
+    rows = [codec.encode(inputs[name]) for codec, name in zip(codecs, ("key_latents", "value_latents"))]
+    decoded = [codec.decode(r.cpu(), torch.float64) for codec, r in zip(codecs, rows)]
+    expected = kernels.latent_decode_reference(
+        **dict(cast(case, torch.float64), key_latents=decoded[0].to(DEVICE), value_latents=decoded[1].to(DEVICE))
+    ).cpu()
+    got = kernels.latent_decode_attention(**dict(inputs, key_latents=rows[0], value_latents=rows[1]), codecs=codecs)
+    got = got.cpu().double()
+    assert not torch.isnan(got).any()
+    error = (got - expected).norm() / expected.norm()
+    assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
+    # and the quantization is really there: the unquantized latents give a different result
+    exact = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
+    assert (exact - expected).norm() / exact.norm() > 10 * TOLERANCE[torch.float32]
+
+
 def test_unknown_launch_setting_is_refused():
     case = cast(make_case(1, 8, 1, 2, 64, [4], 8), torch.float32)
     with pytest.raises(ValueError, match="unknown launch settings"):
@@ -200,6 +231,16 @@ def test_model_decodes_the_same_through_the_kernel(monkeypatch, family, converte
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(converted(family, kv_ratio=0.5), trust_remote_code=True).eval()
+    check_generate_paths(monkeypatch, model, tokenizer, 1e-3)
+
+
+@pytest.mark.parametrize("family, bits", [("llama3", "mixed"), ("qwen3", "4")])
+def test_quantized_model_decodes_the_same_through_the_kernel(monkeypatch, family, bits, converted, tokenizer):
+    """With --kv-bits the cache holds uint8 rows; the kernel dequantizes them as the PyTorch path does."""
+    from transformers import AutoModelForCausalLM
+
+    folder = converted(family, kv_ratio=0.5, kv_bits=bits)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     check_generate_paths(monkeypatch, model, tokenizer, 1e-3)
 
 
