@@ -1,7 +1,7 @@
 """The STAR-KV cache: low-rank key/value latents per layer plus the positions of the cached tokens."""
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
 
 class LatentLayer(DynamicLayer):
@@ -93,4 +93,54 @@ class StarKVCache(Cache):
             self.positions = self.positions[indices, ...]
 
 
-__all__ = ["LatentLayer", "SlidingLatentLayer", "StarKVCache"]
+class StaticLatentLayer(StaticLayer):
+    """A `LatentLayer` preallocated for `max_cache_len` tokens and written in place (torch.compile, CUDA graphs)."""
+
+    supports_early_init = False
+
+
+class StarKVStaticCache(StarKVCache):
+    """
+    The static version of `StarKVCache` (`cache_implementation="static"`): every layer and the positions are
+    preallocated for `max_cache_len` tokens and written in place, so a decode step has fixed shapes and addresses.
+    Attention reads all `max_cache_len` slots and the mask hides those not written yet. Sliding-window layers keep
+    every token too (the mask applies the window).
+    """
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        layers = [
+            StaticLatentLayer(max_cache_len) if config.is_compressed(i) else StaticLayer(max_cache_len)
+            for i in range(config.num_hidden_layers)
+        ]
+        Cache.__init__(self, layers=layers)
+        self.max_cache_len = max_cache_len
+        self.positions: torch.Tensor | None = None
+        self.written: torch.Tensor | None = None  # tokens written so far, a 0-d tensor (no recompilation as it grows)
+
+    def update_positions(self, position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Writes the positions of new tokens into their slots and returns all `max_cache_len` slots."""
+        new = position_ids.to(torch.int32).expand(batch_size, -1)
+        if self.positions is None:
+            self.positions = torch.zeros(batch_size, self.max_cache_len, dtype=torch.int32, device=new.device)
+            self.written = torch.zeros((), dtype=torch.int64, device=new.device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.positions)
+                torch._dynamo.mark_static_address(self.written)
+        self.positions.index_copy_(1, torch.arange(new.shape[1], device=new.device) + self.written, new)
+        self.written.add_(new.shape[1])
+        return self.positions
+
+    def trim_positions(self) -> None:
+        """Nothing to trim: the slots stay."""
+
+    def reset(self) -> None:
+        Cache.reset(self)
+        if self.positions is not None:
+            self.positions.zero_()
+            self.written.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a static STAR-KV cache cannot be cropped: use the dynamic cache")
+
+
+__all__ = ["LatentLayer", "SlidingLatentLayer", "StarKVCache", "StarKVStaticCache", "StaticLatentLayer"]

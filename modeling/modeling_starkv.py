@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -28,7 +28,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_starkv import StarKVCache
+from .cache_starkv import StarKVCache, StarKVStaticCache
 from .configuration_starkv import StarKVConfig
 from .latent_decode import latent_decode_attention, rope_tables, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
@@ -335,12 +335,15 @@ class StarKVModel(StarKVPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         # positional: the cache argument is `past_key_values` before transformers 5.24 and `cache` after
-        mask_args = (self.config, inputs_embeds, attention_mask, past_key_values)
-        causal_mask_mapping = {"full_attention": create_causal_mask(*mask_args, position_ids=position_ids)}
-        if "sliding_attention" in self.config.layer_types:
-            causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(
-                *mask_args, position_ids=position_ids
-            )
+        if isinstance(attention_mask, dict):  # made by generate() for compileable (static) caches
+            causal_mask_mapping = attention_mask
+        else:
+            mask_args = (self.config, inputs_embeds, attention_mask, past_key_values)
+            causal_mask_mapping = {"full_attention": create_causal_mask(*mask_args, position_ids=position_ids)}
+            if "sliding_attention" in self.config.layer_types:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(
+                    *mask_args, position_ids=position_ids
+                )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -353,7 +356,7 @@ class StarKVModel(StarKVPreTrainedModel):
                 if inputs_embeds.dtype != torch.float32:
                     tables = rope_tables(key_positions, inv_freq, scale, inputs_embeds.dtype)
                 rope = (inv_freq, scale, tables)
-            elif past_seen_tokens > 0:
+            elif key_positions.shape[1] != inputs_embeds.shape[1]:  # earlier tokens, or a static cache's slots
                 key_position_embeddings = self.rotary_emb(hidden_states, position_ids=key_positions)
 
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -419,13 +422,21 @@ class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss, logits, cache_out, outputs.hidden_states, outputs.attentions)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """generate() gets a StarKVCache where transformers would create a DynamicCache for this model."""
+        """
+        generate() gets a StarKVCache where transformers would create a DynamicCache for this model, and a
+        StarKVStaticCache of the same length where it would create a StaticCache (`cache_implementation="static"`).
+        """
         keys = ("cache", "past_key_values")  # the name changed in transformers 5.24
         given = {key: model_kwargs.get(key) for key in keys}
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         for key in keys:
-            if given[key] is None and type(model_kwargs.get(key)) is DynamicCache:
+            made = model_kwargs.get(key)
+            if given[key] is None and type(made) is DynamicCache:
                 model_kwargs[key] = StarKVCache(self.config)
+            elif given[key] is None and type(made) is StaticCache:  # full layers have the length generate() chose
+                full = [layer.max_cache_len for layer in made.layers if not layer.is_sliding]
+                length = full[0] if full else kwargs.get("max_cache_length", args[-1] if args else None)
+                model_kwargs[key] = StarKVStaticCache(self.config, length)
 
 
 __all__ = ["StarKVForCausalLM", "StarKVModel", "StarKVPreTrainedModel"]

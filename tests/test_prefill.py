@@ -51,3 +51,30 @@ def test_chunked_prefill_equals_one_shot(family, bits, converted, tokenizer):
     assert torch.equal(one_shot.sequences, chunked.sequences)
     for a, b in zip(one_shot.logits, chunked.logits):
         assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family, bits", [("llama3", "16"), ("mistral", "16"), ("qwen2", "mixed")])
+def test_static_cache_equals_dynamic(family, bits, converted, tokenizer):
+    """cache_implementation="static": a preallocated latent cache gives the dynamic cache's tokens and logits."""
+    folder = converted(family, kv_ratio=0.5, kv_bits=bits)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    dynamic = _generate(model, inputs)
+    caches = []
+    prepare = model._prepare_cache_for_generation
+
+    def recording(generation_config, model_kwargs, *args, **kwargs):
+        prepare(generation_config, model_kwargs, *args, **kwargs)
+        caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
+
+    model._prepare_cache_for_generation = recording
+    static = _generate(model, inputs, cache_implementation="static")
+    assert (
+        type(caches[0]).__name__ == "StarKVStaticCache" and caches[0].max_cache_len >= inputs["input_ids"].shape[1] + 9
+    )
+    assert type(caches[0].layers[0]).__name__ == "StaticLatentLayer"  # preallocated latent slots
+    assert caches[0].layers[0].keys.shape[-2] == caches[0].max_cache_len == caches[0].positions.shape[1]
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        assert (a - b).abs().max() < 1e-5
