@@ -583,7 +583,7 @@ def latent_decode_attention(
     query = query.contiguous()
     ranks, offsets = _rank_tables(k_ranks, device)
     positions = positions if positions.dtype == torch.int32 else positions.to(torch.int32)
-    valid_arg = valid.view(torch.int8) if valid is not None else positions
+    valid_arg = valid.to(torch.int8) if valid is not None else positions
     inv_freq = inv_freq if inv_freq.dtype == torch.float32 else inv_freq.float()
     norm_weight = k_norm.weight if k_norm is not None else inv_freq
     eps = float(getattr(k_norm, "variance_epsilon", 1e-6)) if k_norm is not None else 0.0

@@ -113,15 +113,19 @@ class StarKVStaticCache(StarKVCache):
             for i in range(config.num_hidden_layers)
         ]
         Cache.__init__(self, layers=layers)
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.positions: torch.Tensor | None = None
         self.written: torch.Tensor | None = None  # tokens written so far, a 0-d tensor (no recompilation as it grows)
+
+    @property
+    def max_cache_len(self) -> int:  # a read-only property of `Cache` in some transformers versions
+        return self._max_cache_len
 
     def update_positions(self, position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Writes the positions of new tokens into their slots and returns all `max_cache_len` slots."""
         new = position_ids.to(torch.int32).expand(batch_size, -1)
         if self.positions is None:
-            self.positions = torch.zeros(batch_size, self.max_cache_len, dtype=torch.int32, device=new.device)
+            self.positions = torch.zeros(batch_size, self._max_cache_len, dtype=torch.int32, device=new.device)
             self.written = torch.zeros((), dtype=torch.int64, device=new.device)
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self.positions)
