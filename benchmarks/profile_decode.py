@@ -19,7 +19,7 @@ from decode_attention import ROWS, latent_inputs, quantize_inputs  # noqa: E402
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
 kernels = import_remote("latent_decode")
-KERNELS = ("_scores_kernel", "_values_kernel", "_merge_kernel")
+KERNELS = ("_scores_kernel", "_values_kernel", "_grouped_values_kernel", "_merge_kernel")
 
 
 def profile(query, inputs, tables, config) -> dict[str, float]:

@@ -190,7 +190,20 @@ QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups, k_ranks, k_n8, v_rank, v_n8, group, extras", QUANT_CASES)
 def test_quantized_latents(poisoned, dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras):
-    """The kernel reads the codecs' uint8 rows and dequantizes on the fly: equal to the reference on decoded rows."""
+    """
+    The kernel reads the codecs' uint8 rows and dequantizes on the fly: equal to the reference on decoded rows.
+    Value groups of 32 take the grouped values pass (codes straight into the dots), groups of 16 the dequantizing one.
+    """
+    check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_values_dequantized_per_value(poisoned, dtype):
+    """The dequantizing values pass (`grouped_values` off) on groups of 32."""
+    check_quantized(dtype, *QUANT_CASES[1][:-1], QUANT_CASES[1][-1], config={"grouped_values": False})
+
+
+def check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=None):
     case = make_case(2, 101, len(k_ranks), groups, 64, k_ranks, v_rank, seed=20 + groups, **extras)
     codecs = (latent_quant.LatentCodec(k_ranks, k_n8, group), latent_quant.LatentCodec([v_rank], [v_n8], group))
     inputs = cast(case, dtype)
@@ -199,7 +212,8 @@ def test_quantized_latents(poisoned, dtype, groups, k_ranks, k_n8, v_rank, v_n8,
     expected = kernels.latent_decode_reference(
         **dict(cast(case, torch.float64), key_latents=decoded[0].to(DEVICE), value_latents=decoded[1].to(DEVICE))
     ).cpu()
-    got = kernels.latent_decode_attention(**dict(inputs, key_latents=rows[0], value_latents=rows[1]), codecs=codecs)
+    quantized = dict(inputs, key_latents=rows[0], value_latents=rows[1])
+    got = kernels.latent_decode_attention(**quantized, codecs=codecs, config=config)
     got = got.cpu().double()
     assert not torch.isnan(got).any()
     error = (got - expected).norm() / expected.norm()
