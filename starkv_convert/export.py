@@ -1,5 +1,6 @@
 """Writing a checkpoint folder: weights as safetensors shards, config, remote code, tokenizer; all or nothing."""
 
+import copy
 import os
 import shutil
 import tempfile
@@ -68,6 +69,9 @@ def _default_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+PREFILL_CHUNK_SIZE = 2048  # generate() prefills long prompts in chunks of this many tokens (generation_config.json)
+
+
 def write_checkpoint(
     folder: Path,
     config: Any,
@@ -86,4 +90,7 @@ def write_checkpoint(
         shutil.copy2(file, folder / file.name)
     tokenizer.save_pretrained(folder)
     if generation_config is not None:
+        generation_config = copy.deepcopy(generation_config)
+        if getattr(generation_config, "prefill_chunk_size", None) is None:  # long prompts never bound the batch
+            generation_config.prefill_chunk_size = PREFILL_CHUNK_SIZE
         generation_config.save_pretrained(folder)

@@ -38,6 +38,7 @@ def test_chunked_prefill_equals_one_shot(family, bits, converted, tokenizer):
     """
     folder = converted(family, kv_ratio=0.5, kv_bits=bits)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert model.generation_config.prefill_chunk_size == 2048  # the checkpoint's default
     tokenizer.padding_side = "left"
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     length = inputs["input_ids"].shape[1]
