@@ -33,6 +33,7 @@ from .configuration_starkv import StarKVConfig
 from .latent_decode import latent_decode_attention, rope_tables, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
 from .latent_quant import LatentCodec
+from .latent_quantize import encode_latents
 
 
 class KeyUpProjection(nn.Module):
@@ -156,7 +157,9 @@ class StarKVAttention(nn.Module):
         """One decode query per sequence over the cached latents, fused in Triton; returns (batch, heads, head_dim)."""
         key_latents, value_latents = self.k_a_proj(hidden_states), self.v_a_proj(hidden_states)
         if self.codecs is not None:  # cached as codes and scales; the kernel dequantizes them as it reads
-            key_latents, value_latents = self.codecs[0].encode(key_latents), self.codecs[1].encode(value_latents)
+            key_latents, value_latents = (
+                encode_latents(c, z) for c, z in zip(self.codecs, (key_latents, value_latents))
+            )
         key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
         tokens = key_latents.shape[1]
         valid = None
@@ -196,7 +199,7 @@ class StarKVAttention(nn.Module):
         value_latents = self.v_a_proj(hidden_states)
         if self.codecs is not None:  # with or without a cache, attention reads the quantized latents
             (k_codec, v_codec), dtype = self.codecs, key_latents.dtype
-            k_rows, v_rows = k_codec.encode(key_latents), v_codec.encode(value_latents)
+            k_rows, v_rows = encode_latents(k_codec, key_latents), encode_latents(v_codec, value_latents)
             if past_key_values is not None:
                 k_rows, v_rows = past_key_values.update_latents(k_rows, v_rows, self.layer_idx)
             key_latents, value_latents = k_codec.decode(k_rows, dtype), v_codec.decode(v_rows, dtype)
