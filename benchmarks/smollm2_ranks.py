@@ -26,27 +26,24 @@ from starkv_convert.convert import ConvertOptions, choose_ranks, factorize_model
 from starkv_convert.evaluate import perplexity
 from starkv_convert.learn import learn_ranks
 from starkv_convert.loading import load_model, load_tokenizer, resolve_source
+from starkv_convert.quant_split import (
+    AUTO_BUDGETS,
+    DEFAULT_BLOCKS,
+    flat_n8,
+    measure_split_errors,
+    pick_blocks,
+    side_errors,
+    split_summary,
+)
 from starkv_convert.ranks import make_budget, quantization_plan
-from starkv_convert.remote_code import import_remote
 from starkv_convert.statistics import attention_input_moments
 
-quantized_bytes_per_token = import_remote("latent_quant").quantized_bytes_per_token
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
 
 
 def anchors_windows(tokenizer, text: Path, seq_len: int = 512, windows: int = 20, start: int = 100_000):
     ids = torch.tensor(tokenizer(text.read_text())["input_ids"])
     return ids, ids[start : start + windows * seq_len].view(windows, seq_len)
-
-
-def latent_bytes_per_token(config) -> int:
-    """Cached bytes per token of the quantized latents over all layers (the cache adds 4 for the position)."""
-    quant = config.kv_quant
-    total = 0
-    for i in range(config.num_hidden_layers):
-        pairs = list(zip(config.kv_k_ranks[i], quant["k_n8"][i])) + [(config.kv_v_ranks[i], quant["v_n8"][i])]
-        total += sum(quantized_bytes_per_token(r, n8, quant["group"]) for r, n8 in pairs)
-    return total
 
 
 def main() -> None:
@@ -60,8 +57,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kd-blocks", type=int, default=32, help="512-token blocks the learned method distils on")
     add_learn_arguments(p)
-    p.add_argument("--kv-bits", nargs="+", default=["16"], help="also measure quantized latents: 8, 4, mixed")
-    p.add_argument("--kv-8bit-share", type=float, default=0.25)
+    p.add_argument("--kv-bits", nargs="+", default=["16"], help="also measure quantized latents: 8, 4, mixed, auto")
+    p.add_argument(
+        "--kv-8bit-share", type=float, default=0.25, help="mixed's share of 8-bit channels (auto: its bytes)"
+    )
+    p.add_argument(
+        "--kv-auto-blocks", type=int, default=DEFAULT_BLOCKS, help="auto: calibration blocks measured (of the 32)"
+    )
+    p.add_argument("--kv-auto-budget", nargs="+", default=["model"], choices=AUTO_BUDGETS, help="auto: one row each")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -124,27 +127,44 @@ def main() -> None:
                 )
                 print(f"{method:8s} ratio {ratio} damp {damp}: kept {plan.ratio(shape):.4f} ppl {ppl:.3f}", flush=True)
                 state = latent_state_dict(model.state_dict(), used, plan, torch.float32)
-                for bits in [b for b in args.kv_bits if b != "16"]:
-                    kv_quant = quantization_plan(plan, bits, args.kv_8bit_share)
+                errors, split_s = None, None
+                if "auto" in args.kv_bits:  # the converter's measurement, on the unquantized model just evaluated
+                    t = time.perf_counter()
+                    errors = measure_split_errors(converted, pick_blocks(calib, args.kv_auto_blocks), progress=False)
+                    split_s = round(time.perf_counter() - t, 1)
+                settings = [(b, None) for b in args.kv_bits if b not in ("16", "auto")]
+                settings += [("auto", pool) for pool in args.kv_auto_budget] if errors is not None else []
+                for bits, pool in settings:
+                    kv_quant = quantization_plan(plan, bits, args.kv_8bit_share, errors=errors, auto_budget=pool)
                     quantized = build_model(
                         starkv_config(model.config, plan, torch.float32, kv_quant), state, args.device
                     )
                     q_ppl = perplexity(quantized, windows)
-                    latent_bytes = latent_bytes_per_token(quantized.config)
+                    split = split_summary(plan, kv_quant, bits, args.kv_8bit_share)
+                    latent_bytes = split["latent_bytes_per_token"]
                     rows.append(
                         {
                             "method": method,
                             "kv_ratio": ratio,
                             "kv_bits": bits,
-                            "kv_8bit_share": args.kv_8bit_share if bits == "mixed" else None,
+                            "kv_8bit_share": args.kv_8bit_share if bits in ("mixed", "auto") else None,
+                            "kv_auto_budget": pool,
                             "perplexity": q_ppl,
                             "vs_unquantized": q_ppl / ppl,
                             "latent_bytes_per_token": latent_bytes,
                             "reduction_vs_bf16_base": 2 * 2 * shape.side_floats * shape.num_layers / latent_bytes,
+                            **{k: split[k] for k in ("share_8bit", "k_share_8bit", "v_share_8bit", "block_n8")},
+                            # the measured relative key/value errors of this split, summed over blocks (calibration)
+                            "split_error": side_errors(errors, flat_n8(plan, kv_quant)) if errors is not None else None,
+                            "split_measure_s": split_s if bits == "auto" else None,
+                            "kv_n8": {"k": kv_quant["k_n8"], "v": kv_quant["v_n8"]} if bits == "auto" else None,
                         }
                     )
+                    label = f"{bits} {pool}" if pool else bits
+                    error = f" split error {rows[-1]['split_error']['total']:.4g}" if errors is not None else ""
                     print(
-                        f"{method:8s} ratio {ratio} {bits:>5s} bits: {latent_bytes} B/token ppl {q_ppl:.3f}", flush=True
+                        f"{method:8s} ratio {ratio} {label:>10s} bits: {latent_bytes} B/token ppl {q_ppl:.3f}{error}",
+                        flush=True,
                     )
     import subprocess
 
@@ -165,10 +185,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
-    print(f"\n{'method':8s} {'ratio':>6s} {'bits':>5s} {'ppl':>9s} {'B/token':>8s}")
+    print(f"\n{'method':8s} {'ratio':>6s} {'bits':>10s} {'ppl':>9s} {'B/token':>8s}")
     for r in rows:
         bits, size = r.get("kv_bits", "16"), r.get("latent_bytes_per_token", "")
-        print(f"{r['method']:8s} {r['kv_ratio']:6.2f} {bits:>5s} {r['perplexity']:9.3f} {size:>8}")
+        bits += f" {r['kv_auto_budget']}" if r.get("kv_auto_budget") else ""
+        print(f"{r['method']:8s} {r['kv_ratio']:6.2f} {bits:>10s} {r['perplexity']:9.3f} {size:>8}")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,21 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _ranks_table(report: dict[str, Any]) -> str:
-    rows = ["| layer | K rank per KV head | V rank (joint) | cached values per token |", "|---|---|---|---|"]
+    quant = report.get("quantization")
+    head = "| layer | K rank per KV head | V rank (joint) | cached values per token |"
+    rows = [
+        head + " 8-bit channels (K per head; V) |" if quant else head,
+        "|---|---|---|---|" + ("---|" if quant else ""),
+    ]
     full = report["kv_cache"]["values_per_token"]["base"] // len(report["ranks"]["k"])
     for layer, (k, v) in enumerate(zip(report["ranks"]["k"], report["ranks"]["v"])):
         if k is None:
-            rows.append(f"| {layer} | kept full | kept full | {full} of {full} |")
+            rows.append(f"| {layer} | kept full | kept full | {full} of {full} |" + (" none |" if quant else ""))
         else:
-            rows.append(f"| {layer} | {', '.join(map(str, k))} | {v} | {sum(k) + v} of {full} |")
+            row = f"| {layer} | {', '.join(map(str, k))} | {v} | {sum(k) + v} of {full} |"
+            if quant:
+                row += f" {', '.join(map(str, quant['k_n8'][layer]))}; {quant['v_n8'][layer]} |"
+            rows.append(row)
     return "\n".join(rows)
 
 
@@ -84,7 +92,7 @@ float16, and works with `generate()` (greedy, sampling, beam search, padded batc
 | cache bytes per token, measured after a forward pass ({base["dtype"]}) | {_fmt(cache["bytes_per_token"]["base"], 0)} | {_fmt(cache["bytes_per_token"]["starkv"], 0)} |
 | reduction | 1x | {_fmt(cache["reduction"])}x |
 
-## Quality (measured)
+{_quantization_section(report)}## Quality (measured)
 
 Perplexity on {ppl["data"]} ({_fmt(ppl["tokens"])} predicted tokens):
 
@@ -148,4 +156,60 @@ def _bits(budget: dict[str, Any]) -> str:
         return ""
     if bits == "mixed":
         return f"; latents quantized: the leading {budget['kv_8bit_share']:.0%} of each block's channels in 8 bits, the rest in 4"
+    if bits == "auto":
+        return (
+            "; latents quantized: each block's leading channels in 8 bits, as many as calibration statistics chose "
+            f"(auto, at the bytes of {budget['kv_8bit_share']:.0%} in 8 bits), the rest in 4"
+        )
     return f"; latents quantized to {bits} bits"
+
+
+def _quantization_section(report: dict[str, Any]) -> str:
+    """The quantized latents: how the channels were split into 8 and 4 bits, and what that costs."""
+    q = report.get("quantization")
+    if not q:
+        return ""
+    block = q["block_share_8bit"]
+    if q["method"] == "auto":
+        split = _auto_text(q)
+    elif q["method"] == "mixed":
+        split = f"mixed: the leading {report['budget']['kv_8bit_share']:.0%} of every block's channels in 8 bits"
+    else:
+        split = f"every channel in {q['method']} bits"
+    return f"""## Quantized latents
+
+The cache stores each block's latents (one KV head's keys, or one layer's values) as int8 codes for its leading
+channels (largest singular values first) and packed int4 codes for the rest, with one fp16 scale per token and group of
+{q["group"]} channels. Split: {split}.
+
+| | all blocks | keys | values | per block (min to max) |
+|---|---|---|---|---|
+| channels in 8 bits | {q["share_8bit"]:.1%} | {q["k_share_8bit"]:.1%} | {q["v_share_8bit"]:.1%} | {block["min"]:.1%} to {block["max"]:.1%} ({q["block_n8"]["min"]} to {q["block_n8"]["max"]} channels) |
+| latent bytes per token (all compressed layers) | {_fmt(q["latent_bytes_per_token"])} | | | |
+
+"""
+
+
+def _auto_text(q: dict[str, Any]) -> str:
+    budget, error, calib = q["budget"], q.get("relative_error"), q.get("calibration")
+    pooled = {
+        "model": "with all blocks sharing them",
+        "side": "with the keys keeping mixed's key bytes and the values mixed's value bytes",
+    }
+    text = (
+        "auto: on "
+        + (f"{calib['blocks']} calibration blocks ({_fmt(calib['tokens'])} tokens)" if calib else "calibration blocks")
+        + ", the converter measured, for every block and every number of 8-bit channels, the error of the rebuilt "
+        "keys/values relative to the layer's key/value energy, and chose the split of least summed error (exactly, "
+        f"by dynamic programming over bytes) within the bytes per token of `--kv-bits mixed --kv-8bit-share "
+        f"{budget['kv_8bit_share']}` ({_fmt(budget['mixed_latent_bytes_per_token'])}; auto takes "
+        f"{_fmt(q['latent_bytes_per_token'])}), {pooled.get(budget.get('pooled_over'), 'with all blocks sharing them')}"
+    )
+    if error:
+        a, m = error["auto"], error["mixed"]
+        text += (
+            f". Summed relative error on those tokens: auto {a['total']:.4g} (keys {a['k']:.4g}, values "
+            f"{a['v']:.4g}), mixed {m['total']:.4g} (keys {m['k']:.4g}, values {m['v']:.4g}); all 4 bits "
+            f"{error['all_4bit']['total']:.4g}, all 8 bits {error['all_8bit']['total']:.4g}"
+        )
+    return text

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from .errors import StarKVError
 from .learn import CPU_SIZES, GPU_SIZES, LearnOptions
+from .quant_split import AUTO_BUDGETS, DEFAULT_BLOCKS
 
 
 def _run(action: Callable[[], None]) -> int:
@@ -100,11 +101,26 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kv-bits",
         default="16",
-        choices=["16", "8", "4", "mixed"],
-        help="cached latents in the model dtype (16), int8, int4, or mixed: the leading channels in 8 bits",
+        choices=["16", "8", "4", "mixed", "auto"],
+        help="cached latents in the model dtype (16), int8, int4, mixed (the leading channels of every block in 8 "
+        "bits) or auto (per block, as many 8-bit channels as calibration errors say, at mixed's bytes)",
     )
     p.add_argument(
-        "--kv-8bit-share", type=float, default=0.25, help="with --kv-bits mixed: share of channels in 8 bits"
+        "--kv-8bit-share",
+        type=float,
+        default=0.25,
+        help="mixed: share of each block's channels in 8 bits; auto: the bytes per token of mixed at this share",
+    )
+    p.add_argument(
+        "--kv-auto-blocks",
+        type=int,
+        help=f"with --kv-bits auto: calibration blocks measured to choose the split (default {DEFAULT_BLOCKS})",
+    )
+    p.add_argument(
+        "--kv-auto-budget",
+        choices=AUTO_BUDGETS,
+        help="with --kv-bits auto: keys and values each keep mixed's bytes of their side (side, default; measured "
+        "better on SmolLM2), or mixed's bytes shared by all blocks (model)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the validated checkpoint to the Hub")
@@ -140,6 +156,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         kv_bits=args.kv_bits,
         kv_8bit_share=args.kv_8bit_share,
+        kv_auto_blocks=args.kv_auto_blocks,
+        kv_auto_budget=args.kv_auto_budget,
         learn=learn,
         resume=args.resume,
         overwrite=args.overwrite,

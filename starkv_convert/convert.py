@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .build import latent_state_dict, starkv_config
+from .build import build_model, latent_state_dict, starkv_config
 from .calibration import calibration_data
 from .card import render_model_card
 from .errors import StarKVError
@@ -37,6 +37,7 @@ from .loading import (
 from .placement import full_state_dict, module_tensor, parse_max_memory
 from .plot import RANKS_PLOT, plot_ranks
 from .push import REPORT, push_to_hub
+from .quant_split import AUTO_BUDGETS, DEFAULT_BLOCKS, measure_split_errors, pick_blocks, split_summary
 from .ranks import (
     Budget,
     ModelShape,
@@ -51,6 +52,7 @@ from .statistics import attention_input_moments
 from .validation import validate_checkpoint
 
 METHODS = ("learned", "energy", "uniform")
+KV_BITS = ("16", "8", "4", "mixed", "auto")
 INITS = ("whitened", "svd")
 
 
@@ -77,8 +79,10 @@ class ConvertOptions:
     device_map: str | None = None  # "auto": accelerate spreads the model over GPUs, CPU memory and disk
     max_memory: str | None = None  # with device_map: "0:20GiB,cpu:64GiB"
     batch_size: int = 4
-    kv_bits: str = "16"  # "16" (latents in the model dtype), "8", "4" or "mixed"
-    kv_8bit_share: float = 0.25  # with "mixed": the leading share of each block's channels kept in 8 bits
+    kv_bits: str = "16"  # "16" (latents in the model dtype), "8", "4", "mixed" or "auto"
+    kv_8bit_share: float = 0.25  # "mixed": the leading share of each block's channels in 8 bits; "auto": its bytes
+    kv_auto_blocks: int | None = None  # "auto": calibration blocks measured (None: quant_split.DEFAULT_BLOCKS)
+    kv_auto_budget: str | None = None  # "auto": mixed's bytes pooled over the "model" (None) or per "side"
     learn: LearnOptions = field(default_factory=LearnOptions)
     resume: bool = False
     overwrite: bool = False
@@ -112,10 +116,17 @@ def check_options(options: ConvertOptions) -> None:
         raise StarKVError("--steps, --recovery-steps and --checkpoint-every must be >= 0, --train-batch-size >= 1")
     if not (learn.lr > 0 and learn.threshold_lr > 0 and learn.compression >= 0):
         raise StarKVError("--lr and --threshold-lr must be > 0 and --compression >= 0")
-    if options.kv_bits not in ("16", "8", "4", "mixed"):
-        raise StarKVError(f"--kv-bits {options.kv_bits!r}: use 16, 8, 4 or mixed")
+    if options.kv_bits not in KV_BITS:
+        raise StarKVError(f"--kv-bits {options.kv_bits!r}: use 16, 8, 4, mixed or auto")
     if not 0 <= options.kv_8bit_share <= 1:
         raise StarKVError(f"--kv-8bit-share must be in [0, 1], got {options.kv_8bit_share}")
+    for flag, value in (("--kv-auto-blocks", options.kv_auto_blocks), ("--kv-auto-budget", options.kv_auto_budget)):
+        if value is not None and options.kv_bits != "auto":
+            raise StarKVError(f"{flag} applies with --kv-bits auto: add it, or drop {flag}")
+    if options.kv_auto_budget not in (None, *AUTO_BUDGETS):
+        raise StarKVError(f"--kv-auto-budget {options.kv_auto_budget!r}: use {' or '.join(AUTO_BUDGETS)}")
+    if options.kv_auto_blocks is not None and options.kv_auto_blocks < 1:
+        raise StarKVError(f"--kv-auto-blocks must be >= 1, got {options.kv_auto_blocks}")
     if options.resume and options.method != "learned":
         raise StarKVError("--resume continues the training of --method learned; drop it for other methods")
     if options.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", options.push_to_hub):
@@ -188,6 +199,43 @@ def side_budgets(budget: Budget, energy_plan: RankPlan) -> Budgets:
     return Budgets(k=k, v=budget.total - k)
 
 
+def choose_quantization(
+    base_config: Any,
+    plan: RankPlan,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    calibration: Any,
+    device: str,
+    options: ConvertOptions,
+) -> tuple[dict | None, dict[str, Any] | None]:
+    """
+    The config's `kv_quant` for --kv-bits and its summary for the report (None, None for 16 bits). For "auto" the
+    exported model (`state`, latents unquantized) first runs a few calibration blocks on `device`, measuring every
+    block's error for every split (`quant_split`).
+    """
+    if options.kv_bits == "16":
+        return None, None
+    errors = None
+    if options.kv_bits == "auto":
+        probe = build_model(starkv_config(base_config, plan, dtype), state, device)
+        blocks = pick_blocks(calibration.blocks, options.kv_auto_blocks or DEFAULT_BLOCKS)
+        errors = measure_split_errors(probe, blocks, batch_size=options.batch_size, progress=options.progress)
+        del probe
+    pool = options.kv_auto_budget or AUTO_BUDGETS[0]
+    kv_quant = quantization_plan(plan, options.kv_bits, options.kv_8bit_share, errors=errors, auto_budget=pool)
+    summary = split_summary(plan, kv_quant, options.kv_bits, options.kv_8bit_share, errors, pool)
+    if errors is not None:
+        error = summary["relative_error"]
+        _log(
+            options,
+            f"auto split: {summary['share_8bit']:.1%} of latent channels in 8 bits (keys {summary['k_share_8bit']:.1%},"
+            f" values {summary['v_share_8bit']:.1%}), {summary['latent_bytes_per_token']} latent bytes per token "
+            f"(mixed: {summary['budget']['mixed_latent_bytes_per_token']}); relative key/value error "
+            f"{error['auto']['total']:.4g} (mixed: {error['mixed']['total']:.4g})",
+        )
+    return kv_quant, summary
+
+
 def state_folder(output: Path) -> Path:
     """Where the learned method keeps its training state for --resume (beside the output folder)."""
     output = Path(output).expanduser().absolute()
@@ -243,6 +291,7 @@ def build_report(
     dtype: torch.dtype,
     device: str,
     license_name: str | None,
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything the model card states, as data (written to starkv_report.json)."""
     base_values = 2 * shape.side_floats * shape.num_layers
@@ -267,12 +316,13 @@ def build_report(
             "damp": options.damp,
             "skip_layers": skip,
             "kv_bits": options.kv_bits,
-            "kv_8bit_share": options.kv_8bit_share if options.kv_bits == "mixed" else None,
+            "kv_8bit_share": options.kv_8bit_share if options.kv_bits in ("mixed", "auto") else None,
             "k_values": sum(sum(k) for k in plan.k if k is not None),
             "v_values": sum(v for v in plan.v if v is not None),
         },
         "learning": _learning_report(options, measured) if options.method == "learned" else None,
         "ranks": {"k": plan.k, "v": plan.v},
+        "quantization": quantization,
         "kv_cache": {
             "values_per_token": {"base": base_values, "starkv": plan.floats_per_token(shape)},
             "bytes_per_token": {"base": bytes_base, "starkv": bytes_starkv},
@@ -388,11 +438,17 @@ def convert(options: ConvertOptions) -> Path:
             t = lap("learn", t)
         _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
 
-        config = starkv_config(
-            model.config, plan, dtype, quantization_plan(plan, options.kv_bits, options.kv_8bit_share)
-        )
         state = latent_state_dict(full_state_dict(model), factors, plan, dtype)
         del factors, moments
+        # an offloaded conversion measures and validates on the CPU: the checkpoint's attention reads its
+        # up-projection weights directly, which accelerate's offload hooks do not bring in (spreading over GPUs works)
+        check_device = "cpu" if options.device_map else device
+        kv_quant, quantization = choose_quantization(
+            model.config, plan, state, dtype, calibration, check_device, options
+        )
+        if options.kv_bits == "auto":
+            t = lap("quant_split", t)
+        config = starkv_config(model.config, plan, dtype, kv_quant)
         write_checkpoint(staging, config, state, tokenizer, model.generation_config)
         plot_ranks(plan, shape, staging / RANKS_PLOT, f"{options.method} ranks, kv-ratio {plan.ratio(shape):.3f}")
         del state
@@ -400,9 +456,6 @@ def convert(options: ConvertOptions) -> Path:
 
         eval_blocks = calibration.eval_blocks if len(calibration.eval_blocks) else calibration.blocks[-1:]
         _log(options, "validating the checkpoint as users load it")
-        # an offloaded conversion validates on the CPU: the checkpoint's attention reads its up-projection weights
-        # directly, which accelerate's offload hooks do not bring in (spreading over GPUs works)
-        check_device = "cpu" if options.device_map else device
         measured, problems = validate_checkpoint(staging, model, eval_blocks, check_device, options.progress)
         if options.method == "learned":
             measured["perplexity_init"] = measured_init
@@ -423,6 +476,7 @@ def convert(options: ConvertOptions) -> Path:
             dtype,
             device,
             base_license(source),
+            quantization,
         )
         (staging / REPORT).write_text(json.dumps(report, indent=2) + "\n")
         (staging / "README.md").write_text(render_model_card(report, options.push_to_hub))

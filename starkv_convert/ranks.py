@@ -6,11 +6,15 @@ values; `k_ratio`/`v_ratio` give the key and value sides budgets of their own in
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import StarKVError
 from .factorize import LayerFactors
+
+if TYPE_CHECKING:
+    from .quant_split import SplitErrors
 
 
 @dataclass(frozen=True)
@@ -171,13 +175,28 @@ def energy_ranks(factors: dict[int, LayerFactors], shape: ModelShape, skip: list
     return plan
 
 
-def quantization_plan(plan: RankPlan, bits: str, share: float, group: int = 32) -> dict | None:
+def quantization_plan(
+    plan: RankPlan,
+    bits: str,
+    share: float,
+    group: int = 32,
+    errors: "SplitErrors | None" = None,
+    auto_budget: str = "model",
+) -> dict | None:
     """
     The config's `kv_quant` for `--kv-bits`: "16" none, "8" every channel in 8 bits, "4" every channel in 4 bits,
-    "mixed" the leading `share` of each block's channels (largest singular values) in 8 bits and the rest in 4.
+    "mixed" the leading `share` of each block's channels (largest singular values) in 8 bits and the rest in 4,
+    "auto" a split per block chosen from `errors` (`quant_split.SplitErrors`) at mixed's bytes per token, pooled
+    over the model or per side (`auto_budget`, see `quant_split.auto_quantization_plan`).
     """
     if bits == "16":
         return None
+    if bits == "auto":
+        from .quant_split import auto_quantization_plan  # it builds on this function
+
+        if errors is None:
+            raise ValueError("--kv-bits auto chooses its split from measured errors: pass errors")
+        return auto_quantization_plan(plan, errors, share, group, auto_budget)
     fraction = {"8": 1.0, "4": 0.0, "mixed": share}[bits]
 
     def n8(rank: int) -> int:
