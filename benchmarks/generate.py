@@ -130,14 +130,19 @@ def largest_batch(model, tokens: int, high: int = 512) -> int:
     return low
 
 
-def measure(name: str, build, batch: int, tokens: int, steps: int, largest: int | None = None) -> dict:
-    """Decode speed and memory of `build()` at `batch` (0: its largest batch) and `tokens` of context."""
+def build_bf16(build):
+    """`build()` with bf16 as the default dtype (random weights are made in bf16 directly)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = build()
+        return build()
     finally:
         torch.set_default_dtype(previous)
+
+
+def measure(name: str, build, batch: int, tokens: int, steps: int, largest: int | None = None) -> dict:
+    """Decode speed and memory of `build()` at `batch` (0: its largest batch) and `tokens` of context."""
+    model = build_bf16(build)
     weights = torch.cuda.memory_allocated()
     result = {"model": name, "weights_GB": weights / 1e9}
     result["largest_batch"] = largest if largest is not None else largest_batch(model, tokens)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results  # noqa: E402
-from generate import starkv_model, stock_model  # noqa: E402
+from generate import build_bf16, starkv_model, stock_model  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
@@ -77,12 +77,7 @@ def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
 
 
 def measure(name: str, build, batches: list[int], tokens: int, new_tokens: int) -> list[dict]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = build()
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_bf16(build)
     rows = []
     for batch in batches:
         row = {"model": name, "batch": batch, "context": tokens}

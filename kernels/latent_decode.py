@@ -376,6 +376,15 @@ if triton is not None:
                 )  # fmt: skip
 
     @triton.jit
+    def _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT: tl.constexpr):
+        """A tile's token indices, which of them exist, and their scores (HP, BT) of every query head (-inf: none)."""
+        t = tile * BT + tl.arange(0, BT)
+        in_range = t < T
+        mask = head_ok[:, None] & in_range[None, :]
+        s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st, mask=mask, other=float("-inf"))
+        return t, in_range, s
+
+    @triton.jit
     def _values_kernel(
         S, ZV, ACC, MAX, SUM, OUT,
         T, tiles_per_split, num_heads, v_rank, v_n8,
@@ -395,13 +404,7 @@ if triton is not None:
         acc = tl.zeros([HP, RVB], tl.float32)
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
-            t = tile * BT + tl.arange(0, BT)
-            in_range = t < T
-            s = tl.load(
-                S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st,
-                mask=head_ok[:, None] & in_range[None, :],
-                other=float("-inf"),
-            )
+            t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
             if QUANT:
                 z = _dequantized(ZV, b * stride_zb + t * stride_zt, in_range, rv, v_rank, v_n8, GROUP,
                                  OUT.dtype.element_ty)  # fmt: skip
@@ -473,10 +476,7 @@ if triton is not None:
             c = grp * GROUP + tl.arange(0, GROUP)
             acc = tl.zeros([HP, GROUP], tl.float32)
             for tile in range(first, first + tiles_per_split):
-                t = tile * BT + tl.arange(0, BT)
-                in_range = t < T
-                s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st,
-                            mask=head_ok[:, None] & in_range[None, :], other=float("-inf"))  # fmt: skip
+                t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
                 row = b * stride_zb + t * stride_zt
                 codes = tl.load(ZV + row[:, None] + c[None, :], mask=in_range[:, None] & (c < v_n8)[None, :], other=0)
                 scale = _fp16_at(ZV, row + scales8 + 2 * grp, in_range)
@@ -492,10 +492,7 @@ if triton is not None:
             acc_lo = tl.zeros([HP, GROUP // 2], tl.float32)
             acc_hi = tl.zeros([HP, GROUP // 2], tl.float32)
             for tile in range(first, first + tiles_per_split):
-                t = tile * BT + tl.arange(0, BT)
-                in_range = t < T
-                s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st,
-                            mask=head_ok[:, None] & in_range[None, :], other=float("-inf"))  # fmt: skip
+                t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
                 row = b * stride_zb + t * stride_zt
                 raw = tl.load(ZV + row[:, None] + (v_n8 + q * (GROUP // 2) + j)[None, :],
                               mask=in_range[:, None] & (even < v_rank)[None, :], other=0).to(tl.int32)  # fmt: skip
