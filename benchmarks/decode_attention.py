@@ -68,7 +68,7 @@ def latent_inputs(kv_heads: int, batch: int, tokens: int, generator: torch.Gener
     )
 
 
-def quantize_inputs(kernels, inputs: dict) -> dict:
+def quantize_inputs(inputs: dict) -> dict:
     """The inputs with their latents stored as the codecs' uint8 rows (EIGHT_BIT share of channels in 8 bits)."""
     quant = import_remote("latent_quant")
     k_ranks, v_rank = inputs["k_ranks"], inputs["value_latents"].shape[-1]
@@ -110,7 +110,7 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
 
     latents = [latent_inputs(kv_heads, batch, tokens, g) for _ in range(copies_for(latent_bytes))]
     if EIGHT_BIT is not None:
-        latents = [quantize_inputs(kernels, x) for x in latents]
+        latents = [quantize_inputs(x) for x in latents]
     # RoPE tables: the model computes them once per decode step for all its layers (LAYERS here)
     tables = [kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
     table_calls = [lambda x=x: kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]

@@ -76,7 +76,7 @@ def main() -> None:
         name, heads, kv_heads, batch, tokens = ROWS[index]
         inputs = latent_inputs(kv_heads, batch, tokens, g)
         if decode_attention.EIGHT_BIT is not None:
-            inputs = quantize_inputs(kernels, inputs)
+            inputs = quantize_inputs(inputs)
         tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
         if args.shared_tables:  # one table for every sequence (batch stride 0)
             tables = tuple(t[:1].expand_as(t) for t in tables)

@@ -155,12 +155,7 @@ class StarKVAttention(nn.Module):
         rope: tuple[torch.Tensor, float, tuple[torch.Tensor, torch.Tensor] | None],
     ) -> torch.Tensor:
         """One decode query per sequence over the cached latents, fused in Triton; returns (batch, heads, head_dim)."""
-        key_latents, value_latents = self.k_a_proj(hidden_states), self.v_a_proj(hidden_states)
-        if self.codecs is not None:  # cached as codes and scales; the kernel dequantizes them as it reads
-            key_latents, value_latents = (
-                encode_latents(c, z) for c, z in zip(self.codecs, (key_latents, value_latents))
-            )
-        key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
+        key_latents, value_latents = past_key_values.update_latents(*self._new_latents(hidden_states), self.layer_idx)
         tokens = key_latents.shape[1]
         valid = None
         if attention_mask is not None:
@@ -188,6 +183,13 @@ class StarKVAttention(nn.Module):
             codecs=self.codecs,
         )
 
+    def _new_latents(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value latents of new tokens, as the cache stores them (quantized: the codecs' uint8 rows)."""
+        key_latents, value_latents = self.k_a_proj(hidden_states), self.v_a_proj(hidden_states)
+        if self.codecs is None:
+            return key_latents, value_latents
+        return encode_latents(self.codecs[0], key_latents), encode_latents(self.codecs[1], value_latents)
+
     def _latent_keys_values(
         self,
         hidden_states: torch.Tensor,
@@ -195,16 +197,12 @@ class StarKVAttention(nn.Module):
         key_position_embeddings: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Caches the new latents; returns rotated keys, then rebuilt values (None for a decode step) and latents."""
-        key_latents = self.k_a_proj(hidden_states)
-        value_latents = self.v_a_proj(hidden_states)
-        if self.codecs is not None:  # with or without a cache, attention reads the quantized latents
-            (k_codec, v_codec), dtype = self.codecs, key_latents.dtype
-            k_rows, v_rows = encode_latents(k_codec, key_latents), encode_latents(v_codec, value_latents)
-            if past_key_values is not None:
-                k_rows, v_rows = past_key_values.update_latents(k_rows, v_rows, self.layer_idx)
-            key_latents, value_latents = k_codec.decode(k_rows, dtype), v_codec.decode(v_rows, dtype)
-        elif past_key_values is not None:
+        key_latents, value_latents = self._new_latents(hidden_states)
+        if past_key_values is not None:
             key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
+        if self.codecs is not None:  # with or without a cache, attention reads the quantized latents
+            (k_codec, v_codec), dtype = self.codecs, hidden_states.dtype
+            key_latents, value_latents = k_codec.decode(key_latents, dtype), v_codec.decode(value_latents, dtype)
         # a sliding-window layer reads only the latest tokens: the positions' tail
         cos_k, sin_k = (t[:, -key_latents.shape[1] :].unsqueeze(1) for t in key_position_embeddings)
         keys = apply_rope(self.k_b_proj(key_latents, self.k_norm if self.config.qk_norm else None), cos_k, sin_k)
