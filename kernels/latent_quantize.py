@@ -21,7 +21,6 @@ exact round-half-to-even from `floor` (libdevice's rint does not run in the inte
 """
 
 import math
-import os
 
 import torch
 
@@ -39,10 +38,10 @@ PAIRS_PER_TILE = 1024  # BT * NG * HG: pairs of channels a program holds at once
 
 def use_quantize_kernel(device: torch.device) -> bool:
     """
-    Whether new latents are quantized by the Triton kernel: only where STARKV_DECODE_KERNEL=triton forces the
-    kernels for now (it is tested under the interpreter; on by default on CUDA once it has been measured on a GPU).
+    Whether new latents are quantized by the Triton kernel: where the decode kernel runs (CUDA with triton, or
+    STARKV_DECODE_KERNEL=triton). On the H100 its rows equal `LatentCodec.encode` byte for byte.
     """
-    return use_decode_kernel(device) and os.environ.get("STARKV_DECODE_KERNEL", "auto").lower() == "triton"
+    return use_decode_kernel(device)
 
 
 def encode_latents(codec: LatentCodec, z: torch.Tensor) -> torch.Tensor:
