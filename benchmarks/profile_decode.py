@@ -36,17 +36,16 @@ def profile(query, inputs, tables, config) -> dict[str, float]:
     return {e.key.strip(): e.device_time_total / 10 / 1000 for e in prof.key_averages() if e.device_time_total > 0}
 
 
-OLD = {"rank_pad": 0, "aligned_latents": False, "value_block": 64, "values_warps": 4}  # before this round
-VARIANTS = {  # the "scores" column compares the scores pass, "values" the values pass
+VARIANTS = {  # the "scores" column compares the scores pass, "values" the values passes
     "default": {},
-    "old settings": OLD,
-    "ranks to pow2 (64), aligned": {"rank_pad": 0},
-    "ranks 32+16, unaligned": {"aligned_latents": False},
+    "scores 2 stages": {"scores_stages_tables": 2},
+    "values 2 stages": {"values_stages": 2},
     "scores 16 programs/SM": {"scores_programs_per_sm": 16},
-    "values block 64, 4 warps": {"value_block": 64, "values_warps": 4},
-    "values block 128, 8 warps": {"value_block": 128, "values_warps": 8},
+    "values 8 programs/SM": {"values_programs_per_sm": 8},
+    "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
+    "values dequantized per value": {"grouped_values": False},
 }
-QUICK = {k: VARIANTS[k] for k in ("default", "old settings")}
+QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 
 
 def report_registers() -> None:
@@ -64,7 +63,7 @@ def report_registers() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="*", default=[7, 3])
-    p.add_argument("--quick", action="store_true", help="only the default and the old settings")
+    p.add_argument("--quick", action="store_true", help="only the default and per-value key dequantization")
     p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     args = p.parse_args()

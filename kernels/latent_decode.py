@@ -147,6 +147,55 @@ if triton is not None:
         return (tl.where(is8[None, :], code8, code4) * scale).to(DTYPE)
 
     @triton.jit
+    def _slot(s, rank, n8, HG: tl.constexpr):
+        """Scale group `s` of a block (8-bit groups first, then 4-bit): whether it is 8-bit, first channel, end."""
+        groups8 = (n8 + 2 * HG - 1) // (2 * HG)
+        is8 = s < groups8
+        return is8, tl.where(is8, s * 2 * HG, n8 + (s - groups8) * 2 * HG), tl.where(is8, n8, rank)
+
+    @triton.jit
+    def _slot_weights(W, stride_wd, offset, rank, n8, s, dims, HALF: tl.constexpr, HG: tl.constexpr):
+        """The up-projection rows of scale group `s` of a head, even and odd channels, each split in RoPE halves."""
+        _, base, end = _slot(s, rank, n8, HG)
+        c = base + 2 * tl.arange(0, HG)
+        ptr = W + (offset + c)[:, None] + dims[None, :] * stride_wd
+        even, odd = (c < end)[:, None], (c + 1 < end)[:, None]
+        return (
+            tl.load(ptr, mask=even, other=0.0),
+            tl.load(ptr + HALF * stride_wd, mask=even, other=0.0),
+            tl.load(ptr + 1, mask=odd, other=0.0),
+            tl.load(ptr + 1 + HALF * stride_wd, mask=odd, other=0.0),
+        )
+
+    @triton.jit
+    def _slot_latents(ROWS, row, tok_ok, s, rank, n8, HG: tl.constexpr, DTYPE: tl.constexpr):
+        """
+        Scale group `s` of a block's latents for a tile of tokens, even and odd channels (BT, HG) each, dequantized
+        from whole code bytes (8-bit: one per channel; 4-bit: low and high nibble of one byte) and one scale per
+        token. Channels past the group's end come out as arbitrary finite values (their up-projection rows are zero).
+        """
+        is8, base, end = _slot(s, rank, n8, HG)
+        n4 = rank - n8
+        scales8 = n8 + (n4 + 1) // 2
+        c = base + 2 * tl.arange(0, HG)
+        at = row[:, None] + tl.where(is8, c, n8 + (c - n8) // 2)[None, :]
+        ok = tok_ok[:, None] & (c < end)[None, :]
+        end8 = tl.where(is8, end, 0)  # (masks from vectors only: the interpreter cannot combine them with scalars)
+        low = tl.load(ROWS + at, mask=ok, other=0)
+        high = tl.load(ROWS + at + 1, mask=tok_ok[:, None] & (c + 1 < end8)[None, :], other=0)
+        even = tl.where(is8, low.to(tl.int8, bitcast=True).to(tl.int32), (low.to(tl.int32) & 15) - 8)
+        odd = tl.where(is8, high.to(tl.int8, bitcast=True).to(tl.int32), (low.to(tl.int32) >> 4) - 8)
+        scale = _fp16_at(ROWS, row + scales8 + 2 * s, tok_ok & (row * 0 + base < end))
+        return (even.to(tl.float32) * scale[:, None]).to(DTYPE), (odd.to(tl.float32) * scale[:, None]).to(DTYPE)
+
+    @triton.jit
+    def _fp16_at(ROWS, at, ok):
+        """fp16 values stored as two bytes (any alignment) at byte offsets `at`, as fp32."""
+        low = tl.load(ROWS + at, mask=ok, other=0).to(tl.uint16)
+        high = tl.load(ROWS + at + 1, mask=ok, other=0).to(tl.uint16)
+        return (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
     def _head_weights(
         W, stride_wd, offset, rank, row_len, dims,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
@@ -182,45 +231,65 @@ if triton is not None:
         return start, limit, w1_lo, w1_hi, w2_lo, w2_hi
 
     @triton.jit
+    def _slot_dot(ROWS, row, tok_ok, s, rank, n8, we_lo, we_hi, wo_lo, wo_hi, k_lo, k_hi, PRECISION: tl.constexpr):
+        """Adds scale group `s`'s share of a head's keys: its dequantized latents times its up-projection rows."""
+        even, odd = _slot_latents(ROWS, row, tok_ok, s, rank, n8, we_lo.shape[0], we_lo.dtype)
+        k_lo = tl.dot(even, we_lo, k_lo, input_precision=PRECISION)
+        k_hi = tl.dot(even, we_hi, k_hi, input_precision=PRECISION)
+        k_lo = tl.dot(odd, wo_lo, k_lo, input_precision=PRECISION)
+        return k_lo, tl.dot(odd, wo_hi, k_hi, input_precision=PRECISION)
+
+    @triton.jit
     def _head_keys(
-        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff,
+        ZK, zrow, tok_ok, start, limit, wts, n8, boff,
         R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+        SLOTS: tl.constexpr,
     ):  # fmt: skip
         """
         One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores).
-        QUANT: the latents are dequantized from the head's codes and scales at byte `boff` of each token's row.
+        QUANT: the latents are dequantized from the head's codes and scales at byte `boff` of each token's row: per
+        scale group when SLOTS > 0 (`wts` then holds each group's even and odd up-projection rows), else per value.
         """
-        c = tl.arange(0, R1)
-        if QUANT:
-            z = _dequantized(ZK, zrow + boff, tok_ok, c, limit, n8, GROUP, w1_lo.dtype)
+        if SLOTS > 0:
+            row = zrow + boff
+            k_lo = tl.zeros([zrow.shape[0], wts[0].shape[1]], tl.float32)
+            k_lo, k_hi = _slot_dot(ZK, row, tok_ok, 0, limit, n8, wts[0], wts[1], wts[2], wts[3], k_lo, k_lo, PRECISION)
+            if SLOTS > 1:
+                k_lo, k_hi = _slot_dot(ZK, row, tok_ok, 1, limit, n8, wts[4], wts[5], wts[6], wts[7], k_lo, k_hi,
+                                       PRECISION)  # fmt: skip
+            if SLOTS > 2:
+                k_lo, k_hi = _slot_dot(ZK, row, tok_ok, 2, limit, n8, wts[8], wts[9], wts[10], wts[11], k_lo, k_hi,
+                                       PRECISION)  # fmt: skip
         else:
-            z = tl.load(
-                ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
-            )
-        k_lo = tl.dot(z, w1_lo, input_precision=PRECISION)
-        k_hi = tl.dot(z, w1_hi, input_precision=PRECISION)
-        if R2 > 0:
-            c2 = R1 + tl.arange(0, R2)
+            c = tl.arange(0, R1)
             if QUANT:
-                z2 = _dequantized(ZK, zrow + boff, tok_ok, c2, limit, n8, GROUP, w1_lo.dtype)
+                z = _dequantized(ZK, zrow + boff, tok_ok, c, limit, n8, GROUP, wts[0].dtype)
             else:
-                z2 = tl.load(
-                    ZK + zrow[:, None] + (start + c2)[None, :], mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0
+                z = tl.load(
+                    ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
                 )
-            k_lo = tl.dot(z2, w2_lo, k_lo, input_precision=PRECISION)
-            k_hi = tl.dot(z2, w2_hi, k_hi, input_precision=PRECISION)
+            k_lo = tl.dot(z, wts[0], input_precision=PRECISION)
+            k_hi = tl.dot(z, wts[1], input_precision=PRECISION)
+            if R2 > 0:
+                c2 = R1 + tl.arange(0, R2)
+                if QUANT:
+                    z2 = _dequantized(ZK, zrow + boff, tok_ok, c2, limit, n8, GROUP, wts[0].dtype)
+                else:
+                    z2 = tl.load(ZK + zrow[:, None] + (start + c2)[None, :],
+                                 mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0)  # fmt: skip
+                k_lo = tl.dot(z2, wts[2], k_lo, input_precision=PRECISION)
+                k_hi = tl.dot(z2, wts[3], k_hi, input_precision=PRECISION)
         return k_lo, k_hi
 
     @triton.jit
     def _rotated_keys(
-        ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps,
-        cos, sin,
+        ZK, zrow, tok_ok, start, limit, wts, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+        HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
         k_lo, k_hi = _head_keys(
-            ZK, zrow, tok_ok, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff, R1, R2, PRECISION, QUANT, GROUP
+            ZK, zrow, tok_ok, start, limit, wts, n8, boff, R1, R2, PRECISION, QUANT, GROUP, SLOTS
         )  # fmt: skip
         if HAS_BIAS:
             k_lo += bias_lo[None, :]
@@ -235,12 +304,34 @@ if triton is not None:
     def _head_setup(
         Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
-        HAS_BIAS: tl.constexpr, QUANT: tl.constexpr,
+        HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
-        """What the scores pass keeps of a KV head across its tiles: weights, its G queries (transposed), bias."""
-        start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
-            W, stride_wd, tl.load(OFFSETS + head), tl.load(RANKS + head), row_len, dims, HALF, R1, R2, ALIGNED
-        )
+        """
+        What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
+        or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie.
+        """
+        offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
+        if QUANT:  # the head's 8-bit channels and the byte offset of its codes in a token's row
+            n8 = tl.load(N8 + head)
+            boff = tl.load(BOFF + head).to(tl.int64)
+        else:
+            n8 = 0
+            boff = 0
+        if SLOTS > 0:
+            start, limit = offset, rank
+            a0, a1, a2, a3 = _slot_weights(W, stride_wd, offset, rank, n8, 0, dims, HALF, GROUP // 2)
+            wts = (a0, a1, a2, a3)
+            if SLOTS > 1:
+                b0, b1, b2, b3 = _slot_weights(W, stride_wd, offset, rank, n8, 1, dims, HALF, GROUP // 2)
+                wts = (a0, a1, a2, a3, b0, b1, b2, b3)
+            if SLOTS > 2:
+                c0, c1, c2, c3 = _slot_weights(W, stride_wd, offset, rank, n8, 2, dims, HALF, GROUP // 2)
+                wts = (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)
+        else:
+            start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
+                W, stride_wd, offset, rank, row_len, dims, HALF, R1, R2, ALIGNED
+            )
+            wts = (w1_lo, w1_hi, w2_lo, w2_hi)
         q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
         q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
@@ -250,26 +341,20 @@ if triton is not None:
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        if QUANT:  # the head's 8-bit channels and the byte offset of its codes in a token's row
-            n8 = tl.load(N8 + head)
-            boff = tl.load(BOFF + head).to(tl.int64)
-        else:
-            n8 = 0
-            boff = 0
-        return start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi, n8, boff
+        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, n8, boff
 
     @triton.jit
     def _head_tile_scores(
         ZK, zrow, in_range, keep, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """Scores of a KV head's G query heads over one tile, stored to the scores buffer."""
-        start, limit, w1_lo, w1_hi, w2_lo, w2_hi, q_lo, q_hi, bias_lo, bias_hi, n8, boff = setup
+        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, n8, boff = setup
         rot_lo, rot_hi = _rotated_keys(
-            ZK, zrow, in_range, start, limit, w1_lo, w1_hi, w2_lo, w2_hi, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi,
-            eps, cos, sin, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP,
+            ZK, zrow, in_range, start, limit, wts, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS,
         )  # fmt: skip
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
@@ -290,7 +375,7 @@ if triton is not None:
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
         HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-        QUANT: tl.constexpr, GROUP: tl.constexpr,
+        QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -304,21 +389,21 @@ if triton is not None:
         i = tl.arange(0, BT)
         setup0 = _head_setup(
             Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
                 Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
             )  # fmt: skip
             setup3 = _head_setup(
                 Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -358,21 +443,21 @@ if triton is not None:
             srow = b * stride_sb
             _head_tile_scores(
                 ZK, zrow, in_range, keep, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin, scaling,
-                stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
                 )  # fmt: skip
 
     @triton.jit
@@ -429,13 +514,6 @@ if triton is not None:
         if block == 0:
             tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
             tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
-
-    @triton.jit
-    def _fp16_at(ROWS, at, ok):
-        """fp16 values stored as two bytes (any alignment) at byte offsets `at`, as fp32."""
-        low = tl.load(ROWS + at, mask=ok, other=0).to(tl.uint16)
-        high = tl.load(ROWS + at + 1, mask=ok, other=0).to(tl.uint16)
-        return (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
     def _softmax_step(s, m_i, l_i):
@@ -554,6 +632,7 @@ DEFAULT_CONFIG = {
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values: one program per scale group, codes straight into the dots
+    "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
 }
 
 
@@ -577,6 +656,15 @@ def _rank_chunks(k_ranks: list[int], pad: int, aligned: bool) -> tuple[int, int]
         return first, 0
     first //= 2
     return first, _next_pow2(need - first)
+
+
+def _key_slots(codec, grouped: bool) -> int:
+    """Scale groups per head for the grouped key rebuild (the most of any head), or 0: dequantize per value."""
+    group = codec.group
+    if not grouped or group < 32 or group & (group - 1):  # even/odd halves of a group feed dots of >= 16 rows
+        return 0
+    slots = max(-(-a // group) + -(-(r - a) // group) for r, a in zip(codec.ranks, codec.n8))
+    return slots if slots <= 3 else 0
 
 
 def _splits(tiles: int, programs_per_split: int, device: torch.device, per_sm: int) -> tuple[int, int]:
@@ -710,6 +798,7 @@ def latent_decode_attention(
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
+        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

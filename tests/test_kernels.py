@@ -184,6 +184,7 @@ QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
     (1, [5, 38, 21], [5, 0, 7], 70, 0, 32, {"pad": 11, "bias": True}),  # an 8-bit-only head, 4-bit values
     (3, [7, 33, 40, 16], [3, 33, 0, 9], 96, 96, 16, {"norm": True, "rope_scale": 1.3}),  # groups of 16
     (2, [38, 19], [38, 1], 1030, 301, 32, {"pad": 40}),  # wide value rank: blocks of 128 columns
+    (4, [64, 9], [10, 9], 64, 33, 32, {"bias": True}),  # a head of three scale groups (8-bit, then 32 + 22 4-bit)
 ]
 
 
@@ -221,6 +222,27 @@ def check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, c
     # and the quantization is really there: the unquantized latents give a different result
     exact = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
     assert (exact - expected).norm() / exact.norm() > 10 * TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k_ranks, k_n8", [([13, 38], [0, 10]), ([100, 9], [0, 4])])
+def test_quantized_keys_dequantized_per_value(poisoned, dtype, k_ranks, k_n8):
+    """The per-value key dequantization: with `grouped_keys` off, and where a head has more than three groups."""
+    config = {"grouped_keys": False} if max(k_ranks) < 100 else None
+    check_quantized(dtype, 4, k_ranks, k_n8, 45, 12, 32, {}, config=config)
+
+
+def test_key_slots():
+    """The grouped key rebuild covers up to three scale groups per head, in groups of 32 or more (powers of two)."""
+    codec = latent_quant.LatentCodec
+    assert kernels._key_slots(codec([13, 38], [0, 10], 32), True) == 2
+    assert kernels._key_slots(codec([64, 9], [10, 9], 32), True) == 3
+    assert kernels._key_slots(codec([32, 32], [0, 32], 32), True) == 1
+    assert kernels._key_slots(codec([100], [0], 32), True) == 0  # four groups
+    assert kernels._key_slots(codec([100], [0], 64), True) == 2
+    assert kernels._key_slots(codec([38], [0], 16), True) == 0
+    assert kernels._key_slots(codec([38], [0], 48), True) == 0
+    assert kernels._key_slots(codec([38], [0], 32), False) == 0
 
 
 def test_unknown_launch_setting_is_refused():
