@@ -43,7 +43,8 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores 16 programs/SM": {"scores_programs_per_sm": 16},
     "values 8 programs/SM": {"values_programs_per_sm": 8},
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
-    "values dequantized per value": {"grouped_values": False},
+    "values dequantized per value": {"quantized_values": "values"},
+    "values: a program per group, codes in the dots": {"quantized_values": "codes"},
 }
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 

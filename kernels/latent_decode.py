@@ -168,25 +168,27 @@ if triton is not None:
         )
 
     @triton.jit
-    def _slot_latents(ROWS, row, tok_ok, s, rank, n8, HG: tl.constexpr, DTYPE: tl.constexpr):
+    def _group_latents(ROWS, row, tok_ok, first, rank, n8, NG: tl.constexpr, HG: tl.constexpr, DTYPE: tl.constexpr):
         """
-        Scale group `s` of a block's latents for a tile of tokens, even and odd channels (BT, HG) each, dequantized
-        from whole code bytes (8-bit: one per channel; 4-bit: low and high nibble of one byte) and one scale per
-        token. Channels past the group's end come out as arbitrary finite values (their up-projection rows are zero).
+        Scale groups first .. first + NG - 1 of a block's latents for a tile of tokens, even and odd channels
+        (BT, NG, HG) each, dequantized from whole code bytes (8-bit: one per channel; 4-bit: the low and high nibble
+        of one byte) and one scale per token and group. Channels past a group's end come out as arbitrary finite
+        values (whatever multiplies them must be zero there).
         """
-        is8, base, end = _slot(s, rank, n8, HG)
-        n4 = rank - n8
-        scales8 = n8 + (n4 + 1) // 2
-        c = base + 2 * tl.arange(0, HG)
-        at = row[:, None] + tl.where(is8, c, n8 + (c - n8) // 2)[None, :]
-        ok = tok_ok[:, None] & (c < end)[None, :]
-        end8 = tl.where(is8, end, 0)  # (masks from vectors only: the interpreter cannot combine them with scalars)
-        low = tl.load(ROWS + at, mask=ok, other=0)
-        high = tl.load(ROWS + at + 1, mask=tok_ok[:, None] & (c + 1 < end8)[None, :], other=0)
-        even = tl.where(is8, low.to(tl.int8, bitcast=True).to(tl.int32), (low.to(tl.int32) & 15) - 8)
-        odd = tl.where(is8, high.to(tl.int8, bitcast=True).to(tl.int32), (low.to(tl.int32) >> 4) - 8)
-        scale = _fp16_at(ROWS, row + scales8 + 2 * s, tok_ok & (row * 0 + base < end))
-        return (even.to(tl.float32) * scale[:, None]).to(DTYPE), (odd.to(tl.float32) * scale[:, None]).to(DTYPE)
+        groups = first + tl.arange(0, NG)
+        is8, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
+        scales8 = n8 + (rank - n8 + 1) // 2
+        c = base[:, None] + 2 * tl.arange(0, HG)[None, :]  # (NG, HG): the even channels
+        at = row[:, None, None] + tl.where(is8[:, None], c, n8 + (c - n8) // 2)[None]
+        ok = tok_ok[:, None, None] & (c < end[:, None])[None]
+        raw = tl.load(ROWS + at, mask=ok, other=0)
+        raw_odd = tl.load(ROWS + at + 1, mask=ok & (is8[:, None] & (c + 1 < end[:, None]))[None], other=0)
+        nibbles = raw.to(tl.int32)
+        even = tl.where(is8[None, :, None], raw.to(tl.int8, bitcast=True).to(tl.int32), (nibbles & 15) - 8)
+        odd = tl.where(is8[None, :, None], raw_odd.to(tl.int8, bitcast=True).to(tl.int32), (nibbles >> 4) - 8)
+        scale = _fp16_at(ROWS, row[:, None] + scales8 + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
+        scale = scale[:, :, None]
+        return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
 
     @triton.jit
     def _fp16_at(ROWS, at, ok):
@@ -233,7 +235,8 @@ if triton is not None:
     @triton.jit
     def _slot_dot(ROWS, row, tok_ok, s, rank, n8, we_lo, we_hi, wo_lo, wo_hi, k_lo, k_hi, PRECISION: tl.constexpr):
         """Adds scale group `s`'s share of a head's keys: its dequantized latents times its up-projection rows."""
-        even, odd = _slot_latents(ROWS, row, tok_ok, s, rank, n8, we_lo.shape[0], we_lo.dtype)
+        even, odd = _group_latents(ROWS, row, tok_ok, s, rank, n8, 1, we_lo.shape[0], we_lo.dtype)
+        even, odd = tl.reshape(even, [even.shape[0], even.shape[2]]), tl.reshape(odd, [odd.shape[0], odd.shape[2]])
         k_lo = tl.dot(even, we_lo, k_lo, input_precision=PRECISION)
         k_hi = tl.dot(even, we_hi, k_hi, input_precision=PRECISION)
         k_lo = tl.dot(odd, wo_lo, k_lo, input_precision=PRECISION)
@@ -475,14 +478,24 @@ if triton is not None:
         T, tiles_per_split, num_heads, v_rank, v_n8,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-        GROUP: tl.constexpr,
+        GROUP: tl.constexpr, GROUPS: tl.constexpr,
     ):  # fmt: skip
-        """QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits), dequantized here."""
+        """
+        QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits), dequantized here: per
+        value, or with GROUPS > 0 per scale group, the program's RVB = GROUPS * GROUP columns being its groups'.
+        """
         block = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         h = tl.arange(0, HP)
-        rv = block * RVB + tl.arange(0, RVB)
+        if GROUPS > 0:
+            _, base, end = _slot(block * GROUPS + tl.arange(0, GROUPS), v_rank, v_n8, GROUP // 2)
+            rv = base[:, None] + tl.arange(0, GROUP)[None, :]
+            rv_ok = tl.reshape(rv < end[:, None], [RVB])
+            rv = tl.reshape(rv, [RVB])
+        else:
+            rv = block * RVB + tl.arange(0, RVB)
+            rv_ok = rv < v_rank
         head_ok = h < num_heads
         m_i = tl.full([HP], float("-inf"), tl.float32)
         l_i = tl.zeros([HP], tl.float32)
@@ -490,26 +503,21 @@ if triton is not None:
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
             t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
-            if QUANT:
-                z = _dequantized(ZV, b * stride_zb + t * stride_zt, in_range, rv, v_rank, v_n8, GROUP,
-                                 OUT.dtype.element_ty)  # fmt: skip
+            row = b * stride_zb + t * stride_zt
+            if GROUPS > 0:
+                even, odd = _group_latents(ZV, row, in_range, block * GROUPS, v_rank, v_n8, GROUPS, GROUP // 2,
+                                           OUT.dtype.element_ty)  # fmt: skip
+                z = tl.reshape(tl.join(even, odd), [BT, RVB])  # channel order: group, pair, even/odd
+            elif QUANT:
+                z = _dequantized(ZV, row, in_range, rv, v_rank, v_n8, GROUP, OUT.dtype.element_ty)
             else:
-                z = tl.load(
-                    ZV + b * stride_zb + t[:, None] * stride_zt + rv[None, :],
-                    mask=in_range[:, None] & (rv[None, :] < v_rank),
-                    other=0.0,
-                )
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+                z = tl.load(ZV + row[:, None] + rv[None, :], mask=in_range[:, None] & rv_ok[None, :], other=0.0)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None], input_precision=PRECISION)
-            m_i = m_new
         tl.store(
             ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :],
             acc,
-            mask=head_ok[:, None] & (rv[None, :] < v_rank),
+            mask=head_ok[:, None] & rv_ok[None, :],
         )
         if block == 0:
             tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
@@ -631,7 +639,8 @@ DEFAULT_CONFIG = {
     "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
-    "grouped_values": True,  # quantized values: one program per scale group, codes straight into the dots
+    "quantized_values": "groups",  # dequantized per scale group ("groups"), per value ("values"), or one program
+    # per scale group with the codes straight into the dots ("codes"); groups of 16 are dequantized per value
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
 }
 
@@ -802,10 +811,15 @@ def latent_decode_attention(
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
-    grouped = quant and group >= 32 and cfg["grouped_values"]  # (4-bit groups of 16 would make dots of 8 columns)
-    if grouped:
-        v_n8 = v_codec.n8[0]
-        value_programs = triton.cdiv(v_n8, group) + triton.cdiv(v_rank - v_n8, group)
+    mode = cfg["quantized_values"] if quant else None
+    v_groups = triton.cdiv(v_codec.n8[0], group) + triton.cdiv(v_rank - v_codec.n8[0], group) if quant else 0
+    if mode in ("codes", "groups") and (group < 32 or group & (group - 1)):  # dots of >= 16 rows; power-of-2 tiles
+        mode = "values"
+    groups_per_program = max(1, value_block // group) if mode == "groups" else 0
+    if mode == "codes":
+        value_programs = v_groups
+    elif mode == "groups":
+        value_programs, value_block = triton.cdiv(v_groups, groups_per_program), groups_per_program * group
     else:
         value_programs = triton.cdiv(v_rank, value_block)
     v_splits, v_per_split = _splits(tiles, batch * value_programs, device, cfg["values_programs_per_sm"])
@@ -813,8 +827,9 @@ def latent_decode_attention(
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
-    values_kernel = _grouped_values_kernel if grouped else _values_kernel
-    extra = dict(GROUP=group) if grouped else dict(RVB=value_block, QUANT=quant, GROUP=group)
+    values_kernel = _grouped_values_kernel if mode == "codes" else _values_kernel
+    extra = dict(GROUP=group) if mode == "codes" else dict(RVB=value_block, QUANT=quant, GROUP=group,
+                                                           GROUPS=groups_per_program)  # fmt: skip
     values_kernel[(value_programs, v_splits, batch)](
         scores, value_latents, partial, maxes, sums, aggregated,
         tokens, v_per_split, num_heads, v_rank, v_codec.n8[0] if quant else 0,

@@ -193,15 +193,17 @@ QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
 def test_quantized_latents(poisoned, dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras):
     """
     The kernel reads the codecs' uint8 rows and dequantizes on the fly: equal to the reference on decoded rows.
-    Value groups of 32 take the grouped values pass (codes straight into the dots), groups of 16 the dequantizing one.
+    Values are dequantized per scale group (groups of 32), or per value (groups of 16).
     """
     check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_quantized_values_dequantized_per_value(poisoned, dtype):
-    """The dequantizing values pass (`grouped_values` off) on groups of 32."""
-    check_quantized(dtype, *QUANT_CASES[1][:-1], QUANT_CASES[1][-1], config={"grouped_values": False})
+@pytest.mark.parametrize("mode", ["values", "codes"])
+@pytest.mark.parametrize("case", [1, 3])
+def test_quantized_values_passes(poisoned, dtype, mode, case):
+    """The other values passes on groups of 32: dequantized per value, or one program per group (codes in the dots)."""
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"quantized_values": mode})
 
 
 def check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=None):
