@@ -168,12 +168,35 @@ if triton is not None:
         )
 
     @triton.jit
+    def _codes(raw, raw_odd, is8):
+        """The integer codes of even and odd channels: 8-bit from one byte each, 4-bit from the nibbles of `raw`."""
+        nibbles = raw.to(tl.int32)
+        even = tl.where(is8, raw.to(tl.int8, bitcast=True).to(tl.int32), (nibbles & 15) - 8)
+        return even, tl.where(is8, raw_odd.to(tl.int8, bitcast=True).to(tl.int32), (nibbles >> 4) - 8)
+
+    @triton.jit
+    def _slot_latents(ROWS, row, tok_ok, s, rank, n8, HG: tl.constexpr, DTYPE: tl.constexpr):
+        """
+        Scale group `s` of a block's latents for a tile of tokens, even and odd channels (BT, HG) each, dequantized
+        from whole code bytes and one scale per token. Channels past the group's end come out as arbitrary finite
+        values (whatever multiplies them must be zero there).
+        """
+        is8, base, end = _slot(s, rank, n8, HG)
+        scales8 = n8 + (rank - n8 + 1) // 2
+        c = base + 2 * tl.arange(0, HG)
+        at = row[:, None] + tl.where(is8, c, n8 + (c - n8) // 2)[None, :]
+        end8 = tl.where(is8, end, 0)  # (masks from vectors only: the interpreter cannot combine them with scalars)
+        raw = tl.load(ROWS + at, mask=tok_ok[:, None] & (c < end)[None, :], other=0)
+        raw_odd = tl.load(ROWS + at + 1, mask=tok_ok[:, None] & (c + 1 < end8)[None, :], other=0)
+        even, odd = _codes(raw, raw_odd, is8)
+        scale = _fp16_at(ROWS, row + scales8 + 2 * s, tok_ok & (row * 0 + base < end))[:, None]
+        return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
+
+    @triton.jit
     def _group_latents(ROWS, row, tok_ok, first, rank, n8, NG: tl.constexpr, HG: tl.constexpr, DTYPE: tl.constexpr):
         """
-        Scale groups first .. first + NG - 1 of a block's latents for a tile of tokens, even and odd channels
-        (BT, NG, HG) each, dequantized from whole code bytes (8-bit: one per channel; 4-bit: the low and high nibble
-        of one byte) and one scale per token and group. Channels past a group's end come out as arbitrary finite
-        values (whatever multiplies them must be zero there).
+        `_slot_latents` of NG groups at once, first .. first + NG - 1: even and odd channels (BT, NG, HG) each.
+        (One group in two dimensions compiles to faster code for the keys; this is for the values pass.)
         """
         groups = first + tl.arange(0, NG)
         is8, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
@@ -183,9 +206,7 @@ if triton is not None:
         ok = tok_ok[:, None, None] & (c < end[:, None])[None]
         raw = tl.load(ROWS + at, mask=ok, other=0)
         raw_odd = tl.load(ROWS + at + 1, mask=ok & (is8[:, None] & (c + 1 < end[:, None]))[None], other=0)
-        nibbles = raw.to(tl.int32)
-        even = tl.where(is8[None, :, None], raw.to(tl.int8, bitcast=True).to(tl.int32), (nibbles & 15) - 8)
-        odd = tl.where(is8[None, :, None], raw_odd.to(tl.int8, bitcast=True).to(tl.int32), (nibbles >> 4) - 8)
+        even, odd = _codes(raw, raw_odd, is8[None, :, None])
         scale = _fp16_at(ROWS, row[:, None] + scales8 + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
         scale = scale[:, :, None]
         return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
@@ -235,8 +256,7 @@ if triton is not None:
     @triton.jit
     def _slot_dot(ROWS, row, tok_ok, s, rank, n8, we_lo, we_hi, wo_lo, wo_hi, k_lo, k_hi, PRECISION: tl.constexpr):
         """Adds scale group `s`'s share of a head's keys: its dequantized latents times its up-projection rows."""
-        even, odd = _group_latents(ROWS, row, tok_ok, s, rank, n8, 1, we_lo.shape[0], we_lo.dtype)
-        even, odd = tl.reshape(even, [even.shape[0], even.shape[2]]), tl.reshape(odd, [odd.shape[0], odd.shape[2]])
+        even, odd = _slot_latents(ROWS, row, tok_ok, s, rank, n8, we_lo.shape[0], we_lo.dtype)
         k_lo = tl.dot(even, we_lo, k_lo, input_precision=PRECISION)
         k_hi = tl.dot(even, we_hi, k_hi, input_precision=PRECISION)
         k_lo = tl.dot(odd, wo_lo, k_lo, input_precision=PRECISION)
