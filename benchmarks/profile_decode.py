@@ -42,6 +42,12 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values 2 stages": {"values_stages": 2},
     "scores 16 programs/SM": {"scores_programs_per_sm": 16},
     "values 8 programs/SM": {"values_programs_per_sm": 8},
+    "scores 2 warps": {"scores_warps": 2},
+    "scores 2 warps, 16 programs/SM": {"scores_warps": 2, "scores_programs_per_sm": 16},
+    "scores token-major": {"token_major_scores": True},
+    "values block 128": {"value_block": 128},
+    "values block 128, 8 warps": {"value_block": 128, "values_warps": 8},
+    "values block 32": {"value_block": 32},
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
     "values dequantized per value": {"quantized_values": "values"},
     "values: a program per group, codes in the dots": {"quantized_values": "codes"},
