@@ -19,7 +19,7 @@ from decode_attention import ROWS, latent_inputs, quantize_inputs  # noqa: E402
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
 kernels = import_remote("latent_decode")
-KERNELS = ("_scores_kernel", "_values_kernel", "_grouped_values_kernel", "_merge_kernel")
+KERNELS = ("_scores_kernel", "_values_kernel", "_merge_kernel")
 
 
 def profile(query, inputs, tables, config) -> dict[str, float]:
@@ -49,8 +49,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 128, 8 warps": {"value_block": 128, "values_warps": 8},
     "values block 32": {"value_block": 32},
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
-    "values dequantized per value": {"quantized_values": "values"},
-    "values: a program per group, codes in the dots": {"quantized_values": "codes"},
+    "values dequantized per value": {"grouped_values": False},
 }
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 

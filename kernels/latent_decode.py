@@ -15,6 +15,10 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
 3. `_merge_kernel` combines the splits; the aggregated latent is up-projected once per query head (METHOD.md: values
    stay latent under the softmax).
 
+Quantized latents (the codecs' uint8 rows) are dequantized as both passes read them: per scale group, from whole
+code bytes and one fp16 scale per token and group (8-bit groups first, then 4-bit ones with two channels per byte),
+or per value where groups are smaller than 32 channels or a key head has more than three groups.
+
 A single fused pass over all KV heads (scores never leaving the chip) was measured slower than these two passes on
 the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a).
 
@@ -493,6 +497,15 @@ if triton is not None:
         return t, in_range, s
 
     @triton.jit
+    def _softmax_step(s, m_i, l_i):
+        """Online softmax over a tile of scores (HP, BT): the weights, the rescale of what came before, new max/sum."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+    @triton.jit
     def _values_kernel(
         S, ZV, ACC, MAX, SUM, OUT,
         T, tiles_per_split, num_heads, v_rank, v_n8,
@@ -544,78 +557,6 @@ if triton is not None:
             tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
 
     @triton.jit
-    def _softmax_step(s, m_i, l_i):
-        """Online softmax over a tile of scores (HP, BT): the weights, the rescale of what came before, new max/sum."""
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-    @triton.jit
-    def _grouped_values_kernel(
-        S, ZV, ACC, MAX, SUM, OUT,
-        T, tiles_per_split, num_heads, v_rank, v_n8,
-        stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
-        HP: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
-    ):  # fmt: skip
-        """
-        The values pass over quantized value latents without dequantizing them: one program per scale group. The
-        softmax weights of each token are multiplied by the token's scale of the group, then by the group's integer
-        codes on the tensor cores: 8-bit groups read GROUP code bytes per token, 4-bit groups GROUP / 2 bytes whose
-        low and high nibbles are the even and odd channels. Same sum as `_values_kernel` on dequantized latents.
-        """
-        grp = tl.program_id(0)
-        split = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        dt = OUT.dtype.element_ty
-        n4 = v_rank - v_n8
-        groups8 = (v_n8 + GROUP - 1) // GROUP
-        scales8 = v_n8 + (n4 + 1) // 2
-        h = tl.arange(0, HP)
-        head_ok = h < num_heads
-        m_i = tl.full([HP], float("-inf"), tl.float32)
-        l_i = tl.zeros([HP], tl.float32)
-        first = split * tiles_per_split
-        out = ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah
-        if grp < groups8:
-            c = grp * GROUP + tl.arange(0, GROUP)
-            acc = tl.zeros([HP, GROUP], tl.float32)
-            for tile in range(first, first + tiles_per_split):
-                t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
-                row = b * stride_zb + t * stride_zt
-                codes = tl.load(ZV + row[:, None] + c[None, :], mask=in_range[:, None] & (c < v_n8)[None, :], other=0)
-                scale = _fp16_at(ZV, row + scales8 + 2 * grp, in_range)
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-                weights = (p * scale[None, :]).to(dt)
-                acc = tl.dot(weights, codes.to(tl.int8, bitcast=True).to(dt), acc * alpha[:, None],
-                             input_precision=PRECISION)  # fmt: skip
-            tl.store(out + c[None, :], acc, mask=head_ok[:, None] & (c < v_n8)[None, :])
-        else:
-            q = grp - groups8
-            j = tl.arange(0, GROUP // 2)
-            even = v_n8 + q * GROUP + 2 * j  # the channels of the low nibbles; the high ones are the next
-            acc_lo = tl.zeros([HP, GROUP // 2], tl.float32)
-            acc_hi = tl.zeros([HP, GROUP // 2], tl.float32)
-            for tile in range(first, first + tiles_per_split):
-                t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
-                row = b * stride_zb + t * stride_zt
-                raw = tl.load(ZV + row[:, None] + (v_n8 + q * (GROUP // 2) + j)[None, :],
-                              mask=in_range[:, None] & (even < v_rank)[None, :], other=0).to(tl.int32)  # fmt: skip
-                scale = _fp16_at(ZV, row + scales8 + 2 * groups8 + 2 * q, in_range)
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-                weights = (p * scale[None, :]).to(dt)
-                low = ((raw & 15) - 8).to(dt)
-                high = ((raw >> 4) - 8).to(dt)
-                acc_lo = tl.dot(weights, low, acc_lo * alpha[:, None], input_precision=PRECISION)
-                acc_hi = tl.dot(weights, high, acc_hi * alpha[:, None], input_precision=PRECISION)
-            tl.store(out + even[None, :], acc_lo, mask=head_ok[:, None] & (even < v_rank)[None, :])
-            tl.store(out + even[None, :] + 1, acc_hi, mask=head_ok[:, None] & (even + 1 < v_rank)[None, :])
-        if grp == 0:
-            tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
-            tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
-
-    @triton.jit
     def _merge_kernel(
         ACC, MAX, SUM, OUT,
         n_splits, num_heads, v_rank,
@@ -659,8 +600,7 @@ DEFAULT_CONFIG = {
     "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
-    "quantized_values": "groups",  # dequantized per scale group ("groups"), per value ("values"), or one program
-    # per scale group with the codes straight into the dots ("codes"); groups of 16 are dequantized per value
+    "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
 }
 
@@ -831,31 +771,27 @@ def latent_decode_attention(
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
-    mode = cfg["quantized_values"] if quant else None
-    v_groups = triton.cdiv(v_codec.n8[0], group) + triton.cdiv(v_rank - v_codec.n8[0], group) if quant else 0
-    if mode in ("codes", "groups") and (group < 32 or group & (group - 1)):  # dots of >= 16 rows; power-of-2 tiles
-        mode = "values"
-    groups_per_program = max(1, value_block // group) if mode == "groups" else 0
-    if mode == "codes":
-        value_programs = v_groups
-    elif mode == "groups":
+    # quantized values dequantized per scale group (tiles of whole groups: a power of two of >= 16 channel pairs)
+    by_group = quant and cfg["grouped_values"] and group >= 32 and not group & (group - 1)
+    if by_group:
+        groups_per_program = max(1, value_block // group)
+        v_groups = triton.cdiv(v_codec.n8[0], group) + triton.cdiv(v_rank - v_codec.n8[0], group)
         value_programs, value_block = triton.cdiv(v_groups, groups_per_program), groups_per_program * group
     else:
+        groups_per_program = 0
         value_programs = triton.cdiv(v_rank, value_block)
     v_splits, v_per_split = _splits(tiles, batch * value_programs, device, cfg["values_programs_per_sm"])
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
-    values_kernel = _grouped_values_kernel if mode == "codes" else _values_kernel
-    extra = dict(GROUP=group) if mode == "codes" else dict(RVB=value_block, QUANT=quant, GROUP=group,
-                                                           GROUPS=groups_per_program)  # fmt: skip
-    values_kernel[(value_programs, v_splits, batch)](
+    _values_kernel[(value_programs, v_splits, batch)](
         scores, value_latents, partial, maxes, sums, aggregated,
         tokens, v_per_split, num_heads, v_rank, v_codec.n8[0] if quant else 0,
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        HP=heads_p2, BT=block_tokens, PRECISION=precision, **extra,
+        HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
+        GROUPS=groups_per_program,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     _merge_kernel[(triton.cdiv(v_rank, value_block), batch)](

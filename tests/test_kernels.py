@@ -199,11 +199,10 @@ def test_quantized_latents(poisoned, dtype, groups, k_ranks, k_n8, v_rank, v_n8,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["values", "codes"])
 @pytest.mark.parametrize("case", [1, 3])
-def test_quantized_values_passes(poisoned, dtype, mode, case):
-    """The other values passes on groups of 32: dequantized per value, or one program per group (codes in the dots)."""
-    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"quantized_values": mode})
+def test_quantized_values_dequantized_per_value(poisoned, dtype, case):
+    """The values pass that dequantizes per value (`grouped_values` off), on groups of 32."""
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"grouped_values": False})
 
 
 def check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=None):
