@@ -12,8 +12,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
-3. `_merge_kernel` combines the splits; the aggregated latent is up-projected once per query head (METHOD.md: values
-   stay latent under the softmax).
+3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
+   latent is up-projected once per query head (METHOD.md: values stay latent under the softmax).
 
 Quantized latents (the codecs' uint8 rows) are dequantized as both passes read them: per scale group, from whole
 code bytes and one fp16 scale per token and group (8-bit groups first, then 4-bit ones with two channels per byte),
@@ -559,30 +559,33 @@ if triton is not None:
     @triton.jit
     def _merge_kernel(
         ACC, MAX, SUM, OUT,
-        n_splits, num_heads, v_rank,
+        n_splits, v_rank,
         stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
-        HP: tl.constexpr, RVB: tl.constexpr,
+        RVB: tl.constexpr, SB: tl.constexpr,
     ):  # fmt: skip
+        """One program per (value block, query head, sequence) combines the head's splits, SB of them per step."""
         block = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        h = tl.arange(0, HP)
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
         rv = block * RVB + tl.arange(0, RVB)
-        mask = (h[:, None] < num_heads) & (rv[None, :] < v_rank)
-        m_i = tl.full([HP], float("-inf"), tl.float32)
-        l_i = tl.zeros([HP], tl.float32)
-        acc = tl.zeros([HP, RVB], tl.float32)
-        for split in range(n_splits):
-            m = tl.load(MAX + b * stride_mb + split * stride_ms + h, mask=h < num_heads, other=float("-inf"))
-            l_s = tl.load(SUM + b * stride_mb + split * stride_ms + h, mask=h < num_heads, other=0.0)
-            a = tl.load(ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :], mask=mask)
-            m_new = tl.maximum(m_i, m)
+        m_i = tl.max(tl.full([SB], float("-inf"), tl.float32), 0)
+        l_i = tl.sum(tl.zeros([SB], tl.float32), 0)
+        acc = tl.zeros([RVB], tl.float32)
+        for first in range(0, n_splits, SB):
+            split = first + tl.arange(0, SB)
+            ok = split < n_splits
+            m = tl.load(MAX + b * stride_mb + split * stride_ms + h, mask=ok, other=float("-inf"))
+            l_s = tl.load(SUM + b * stride_mb + split * stride_ms + h, mask=ok, other=0.0)
+            a = tl.load(ACC + b * stride_ab + split[:, None] * stride_as + h * stride_ah + rv[None, :],
+                        mask=ok[:, None] & (rv < v_rank)[None, :], other=0.0)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(m, 0))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            old, new = tl.exp(m_i - m_safe), tl.exp(m - m_safe)
-            l_i = l_i * old + l_s * new
-            acc = acc * old[:, None] + tl.where(mask, a, 0.0) * new[:, None]
+            weight, old = tl.exp(m - m_safe), tl.exp(m_i - m_safe)
+            l_i = l_i * old + tl.sum(l_s * weight, 0)
+            acc = acc * old + tl.sum(a * weight[:, None], 0)
             m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(OUT + b * stride_ob + h[:, None] * stride_oh + rv[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)
+        tl.store(OUT + b * stride_ob + h * stride_oh + rv, out.to(OUT.dtype.element_ty), mask=rv < v_rank)
 
 
 DEFAULT_CONFIG = {
@@ -794,12 +797,12 @@ def latent_decode_attention(
         GROUPS=groups_per_program,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
-    _merge_kernel[(triton.cdiv(v_rank, value_block), batch)](
+    _merge_kernel[(triton.cdiv(v_rank, value_block), num_heads, batch)](
         partial, maxes, sums, aggregated,
-        v_splits, num_heads, v_rank,
+        v_splits, v_rank,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         aggregated.stride(0), aggregated.stride(1),
-        HP=heads_p2, RVB=value_block,
+        RVB=value_block, SB=16,
     )  # fmt: skip
     # one (batch * G, v_rank) x (v_rank, head_dim) product per KV head (a broadcast matmul would copy the weights)
     up = v_up_weight.view(num_kv_heads, head_dim, v_rank).transpose(1, 2)
