@@ -593,6 +593,8 @@ DEFAULT_CONFIG = {
     "value_block": "auto",  # value-latent columns per program of the values pass: auto = an eighth of the rank, 32..128
     "scores_programs_per_sm": 8,  # context splits give each pass about this many programs per multiprocessor
     "values_programs_per_sm": 4,  # (more splits for the values pass would make the merge longer)
+    "scores_fewer_splits": (2, 16),  # but down to 2 programs per SM while splits would get fewer than 16 tiles each
+    # (each program loads its head's up-projection once: at batch 1 that prologue outweighs a few tiles)
     "scores_warps": 4,
     "scores_stages": 1,  # with angle addition
     "scores_stages_tables": 3,  # with RoPE tables (measured best on the H100 for each: 3 beats 2 by 8-24%)
@@ -639,10 +641,19 @@ def _key_slots(codec, grouped: bool) -> int:
     return slots if slots <= 3 else 0
 
 
-def _splits(tiles: int, programs_per_split: int, device: torch.device, per_sm: int) -> tuple[int, int]:
-    """(splits, tiles per split) giving the launch about `per_sm` programs per multiprocessor."""
+def _splits(
+    tiles: int, programs_per_split: int, device: torch.device, per_sm: int, fewest_per_sm: int = 0, tiles_each: int = 1
+) -> tuple[int, int]:
+    """
+    (splits, tiles per split) giving the launch about `per_sm` programs per multiprocessor; or, where that leaves
+    fewer than `tiles_each` tiles to a split, fewer splits (down to `fewest_per_sm` programs per multiprocessor).
+    """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(tiles, -(-per_sm * sms // max(programs_per_split, 1))))
+    programs = max(programs_per_split, 1)
+    splits = -(-per_sm * sms // programs)
+    if fewest_per_sm:
+        splits = min(splits, max(-(-fewest_per_sm * sms // programs), tiles // tiles_each))
+    splits = max(1, min(tiles, splits))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
 
@@ -750,7 +761,9 @@ def latent_decode_attention(
         rope_scale = 1.0  # already in the tables
 
     hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
-    _, per_split = _splits(tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"])
+    _, per_split = _splits(
+        tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"]
+    )
     if cfg["token_major_scores"]:
         scores = _alloc(batch, tokens, num_heads, device=device)
         stride_sh, stride_st = scores.stride(2), scores.stride(1)
