@@ -3,7 +3,8 @@ STAR-KV model: a Llama-family decoder whose compressed layers cache low-rank key
 
 Keys are cached per KV head as `z_k = A_j x` and rebuilt as `B_j z_k` (+ bias, + Qwen3's k-norm), then rotated at
 their own positions when read. Values are cached as one joint latent `z_v = A_v x`; decode aggregates `z_v` under the
-softmax and up-projects once per query head. Prefill rebuilds keys and values and uses the attention interface (SDPA).
+softmax and up-projects once per query head. Prefill rebuilds keys and values and uses the attention interface (SDPA),
+a slice of sequences at a time when rebuilding them for the whole batch would take more than PREFILL_REBUILD_BYTES.
 Layers kept full are plain attention layers with a plain cache.
 """
 
@@ -34,6 +35,10 @@ from .latent_decode import latent_decode_attention, rope_tables, use_decode_kern
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
 from .latent_quant import LatentCodec
 from .latent_quantize import encode_latents
+
+# Most bytes of keys and values a prefill chunk rebuilds at once (a slice of sequences; at least one). Small: SDPA on
+# CUDA with a mask repeats them over the query groups (transformers' repeat_kv), 4x more for Llama-3.1-8B.
+PREFILL_REBUILD_BYTES = 1 << 28
 
 
 class KeyUpProjection(nn.Module):
@@ -116,35 +121,95 @@ class StarKVAttention(nn.Module):
         if self.is_compressed and rope is not None:  # a decode step through the Triton kernel
             attn_output = self._kernel_decode(hidden_states, query, attention_mask, past_key_values, rope)
             return self.o_proj(attn_output.reshape(*input_shape, -1)), None
-        if self.is_compressed:
-            keys, values, value_latents = self._latent_keys_values(
-                hidden_states, past_key_values, key_position_embeddings or position_embeddings
-            )
-        else:
+        if not self.is_compressed:
             keys, values = self._plain_keys_values(hidden_states, hidden_shape, cos, sin, past_key_values)
+            attn_output, attn_weights = self._attend(query, keys, values, attention_mask, **kwargs)
+            return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
 
-        if values is None:  # decode: values stay latent
+        key_latents, value_latents = self._new_latents(hidden_states)
+        if past_key_values is not None:
+            key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
+        # a sliding-window layer reads only the latest tokens: the positions' tail
+        tokens = key_latents.shape[1]
+        cos_k, sin_k = (t[:, -tokens:].unsqueeze(1) for t in key_position_embeddings or position_embeddings)
+        if input_shape[1] > 1:  # prefill (or a chunk of it): attention over rebuilt keys and values
+            attn_output, attn_weights = self._prefill_attention(
+                query, key_latents, value_latents, cos_k, sin_k, attention_mask, **kwargs
+            )
+        else:  # decode: values stay latent
+            keys = self._rebuild_keys(key_latents, cos_k, sin_k, query.dtype)
+            value_latents = self._decoded(value_latents, 1, query.dtype)
             attn_output = latent_attention(
                 query, keys, value_latents, self.v_b_proj.weight, self.v_b_proj.bias, attention_mask, self.scaling
             )
             attn_weights = None
-        else:
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The config's attention interface (SDPA, eager...) over full keys and values."""
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        return attention_interface(
+            self,
+            query,
+            keys,
+            values,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+
+    def _prefill_attention(
+        self,
+        query: torch.Tensor,
+        key_latents: torch.Tensor,
+        value_latents: torch.Tensor,
+        cos_k: torch.Tensor,
+        sin_k: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Attention of a prefill chunk over the keys and values rebuilt from every held token's latents (as stored:
+        quantized rows are decoded here). Rebuilt for the whole batch they would take `batch * tokens * kv_heads *
+        head_dim * 2` elements (5 GB per layer at 38 x 32K on Llama-3.1-8B); beyond PREFILL_REBUILD_BYTES they are
+        rebuilt and attended a slice of sequences at a time, slicing the mask too. A mask that is not a 4-D tensor
+        (`(batch or 1, 1, q, kv)`: sdpa's bool or eager's float mask; None is fine too) is not sliced: one slice.
+        """
+        batch, tokens = key_latents.shape[:2]
+        per_sequence = 2 * tokens * self.num_key_value_heads * self.head_dim * query.element_size()
+        sliceable = attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
+        step = max(1, PREFILL_REBUILD_BYTES // per_sequence) if sliceable else batch
+
+        def rows(t, start):  # the sequences of a slice; a tensor broadcast over the batch (batch 1) is kept whole
+            return t[start : start + step] if isinstance(t, torch.Tensor) and t.shape[0] == batch else t
+
+        outputs, weights = [], []
+        for start in range(0, batch, step):
+            keys = self._rebuild_keys(rows(key_latents, start), rows(cos_k, start), rows(sin_k, start), query.dtype)
+            values = rebuild_values(
+                self._decoded(rows(value_latents, start), 1, query.dtype),
+                self.v_b_proj.weight,
+                self.v_b_proj.bias,
+                self.num_key_value_heads,
             )
-            attn_output, attn_weights = attention_interface(
-                self,
-                query,
-                keys,
-                values,
-                attention_mask,
-                dropout=0.0 if not self.training else self.attention_dropout,
-                scaling=self.scaling,
-                sliding_window=self.sliding_window,
-                **kwargs,
-            )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+            sliced = {k: rows(v, start) if k == "position_ids" else v for k, v in kwargs.items()}  # (batch, q)
+            out, w = self._attend(rows(query, start), keys, values, rows(attention_mask, start), **sliced)
+            outputs.append(out)
+            weights.append(w)
+        if len(outputs) == 1:
+            return outputs[0], weights[0]
+        return torch.cat(outputs), None if weights[0] is None else torch.cat(weights)
 
     def _kernel_decode(
         self,
@@ -190,26 +255,16 @@ class StarKVAttention(nn.Module):
             return key_latents, value_latents
         return encode_latents(self.codecs[0], key_latents), encode_latents(self.codecs[1], value_latents)
 
-    def _latent_keys_values(
-        self,
-        hidden_states: torch.Tensor,
-        past_key_values: StarKVCache | None,
-        key_position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Caches the new latents; returns rotated keys, then rebuilt values (None for a decode step) and latents."""
-        key_latents, value_latents = self._new_latents(hidden_states)
-        if past_key_values is not None:
-            key_latents, value_latents = past_key_values.update_latents(key_latents, value_latents, self.layer_idx)
-        if self.codecs is not None:  # with or without a cache, attention reads the quantized latents
-            (k_codec, v_codec), dtype = self.codecs, hidden_states.dtype
-            key_latents, value_latents = k_codec.decode(key_latents, dtype), v_codec.decode(value_latents, dtype)
-        # a sliding-window layer reads only the latest tokens: the positions' tail
-        cos_k, sin_k = (t[:, -key_latents.shape[1] :].unsqueeze(1) for t in key_position_embeddings)
-        keys = apply_rope(self.k_b_proj(key_latents, self.k_norm if self.config.qk_norm else None), cos_k, sin_k)
-        if hidden_states.shape[1] == 1:
-            return keys, None, value_latents
-        values = rebuild_values(value_latents, self.v_b_proj.weight, self.v_b_proj.bias, self.num_key_value_heads)
-        return keys, values, value_latents
+    def _decoded(self, latents: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
+        """Stored latents as attention reads them: quantized rows (codec `which`: 0 keys, 1 values) dequantized."""
+        return latents if self.codecs is None else self.codecs[which].decode(latents, dtype)
+
+    def _rebuild_keys(
+        self, key_latents: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Rotated keys (batch, num_kv_heads, tokens, head_dim) from stored key latents (batch, tokens, ...)."""
+        keys = self.k_b_proj(self._decoded(key_latents, 0, dtype), self.k_norm if self.config.qk_norm else None)
+        return apply_rope(keys, cos_k, sin_k)
 
     def _plain_keys_values(
         self,
@@ -438,6 +493,13 @@ class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
                 full = [layer.max_cache_len for layer in made.layers if not layer.is_sliding]
                 length = full[0] if full else kwargs.get("max_cache_length", args[-1] if args else None)
                 model_kwargs[key] = StarKVStaticCache(self.config, length)
+
+    def _get_static_cache_init_shape(self) -> None:
+        """
+        None: generate() must not allocate the StaticCache it makes (for chunked prefill it would, at full keys and
+        values for every token), since `_prepare_cache_for_generation` replaces it with a StarKVStaticCache.
+        """
+        return None
 
 
 __all__ = ["StarKVForCausalLM", "StarKVModel", "StarKVPreTrainedModel"]

@@ -1,6 +1,7 @@
 """Chunked prefill (generate's `prefill_chunk_size`) through the latent cache: the same logits and tokens."""
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -79,3 +80,74 @@ def test_static_cache_equals_dynamic(family, bits, converted, tokenizer):
     assert torch.equal(dynamic.sequences, static.sequences)
     for a, b in zip(dynamic.logits, static.logits):
         assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "family, bits, attention, cache",
+    [
+        ("llama3", "16", "sdpa", "dynamic"),
+        ("mistral", "16", "sdpa", "dynamic"),
+        ("qwen2", "mixed", "sdpa", "dynamic"),
+        ("llama3", "16", "eager", "dynamic"),
+        ("mistral", "16", "sdpa", "static"),
+    ],
+)
+def test_sliced_prefill_equals_whole_batch(family, bits, attention, cache, converted, tokenizer, monkeypatch):
+    """
+    With PREFILL_REBUILD_BYTES tiny, every prefill chunk rebuilds keys and values one sequence at a time (sdpa's bool
+    or eager's float mask sliced with them): the same greedy tokens and logits as with the whole batch at once.
+    """
+    folder = converted(family, kv_ratio=0.5, kv_bits=bits)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation=attention).eval()
+    module = sys.modules[type(model).__module__]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = dict(prefill_chunk_size=5, cache_implementation="static" if cache == "static" else None)
+
+    calls = []  # (compressed layer, batch, query length) of every call of the attention interface
+    attend = type(model.model.layers[0].self_attn)._attend
+
+    def recording(self, query, *args, **kw):
+        calls.append((self.is_compressed, query.shape[0], query.shape[2]))
+        return attend(self, query, *args, **kw)
+
+    monkeypatch.setattr(type(model.model.layers[0].self_attn), "_attend", recording)
+    whole = _generate(model, inputs, **kwargs)
+    whole_calls, calls[:] = list(calls), []
+    monkeypatch.setattr(module, "PREFILL_REBUILD_BYTES", 1)
+    sliced = _generate(model, inputs, **kwargs)
+
+    compressed = sum(layer.self_attn.is_compressed for layer in model.model.layers)
+    chunks = -(-inputs["input_ids"].shape[1] // 5)
+    assert compressed > 0
+    assert [c[1] for c in whole_calls if c[0]] == [2] * compressed * chunks  # decode steps do not call it
+    assert [c[1] for c in calls if c[0]] == [1] * 2 * compressed * chunks
+    assert torch.equal(whole.sequences, sliced.sequences)
+    for a, b in zip(whole.logits, sliced.logits):
+        assert (a - b).abs().max() < 1e-5
+    if attention == "eager":  # attention weights of the slices, concatenated
+        monkeypatch.setattr(module, "PREFILL_REBUILD_BYTES", 1 << 30)
+        expected = model(**inputs, output_attentions=True).attentions
+        monkeypatch.setattr(module, "PREFILL_REBUILD_BYTES", 1)
+        got = model(**inputs, output_attentions=True).attentions
+        assert all(a.shape == b.shape and (a - b).abs().max() < 1e-6 for a, b in zip(expected, got))
+
+
+def test_static_generate_allocates_no_full_cache(converted, tokenizer, monkeypatch):
+    """
+    generate(cache_implementation="static") with chunked prefill: transformers' StaticCache, which the model replaces
+    with its StarKVStaticCache, is not allocated first (at full keys and values it would not fit where latents do).
+    """
+    from transformers.cache_utils import Cache
+
+    folder = converted("llama3", kv_ratio=0.5, kv_bits="16")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    early = []
+    initialize = Cache.early_initialization
+    monkeypatch.setattr(
+        Cache, "early_initialization", lambda self, *a, **k: early.append(self) or initialize(self, *a, **k)
+    )
+    inputs = tokenizer(PROMPTS[1:], return_tensors="pt")
+    out = _generate(model, inputs, prefill_chunk_size=5, cache_implementation="static")
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 10
+    assert early == []
