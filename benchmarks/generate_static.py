@@ -5,7 +5,7 @@ weights) against STAR-KV K 30% / V 50%: the best way transformers runs each mode
     python benchmarks/generate_static.py [--contexts 8192 32768] [--stock-batches 8192:48 32768:12]
         [--batches 8192:64,150 32768:15,38] [--new-tokens 24] [--name generate_static]
     python benchmarks/generate_static.py --prefill [--prefill-chunk 2048] ...   # a real chunked prefill
-    python benchmarks/generate_static.py --largest ...   # each model's largest batch at each context
+    python benchmarks/generate_static.py --largest [--fit-prefill] ...   # each model's largest batch at each context
     python benchmarks/generate_static.py --tiny [--prefill] [--largest]   # the whole flow on CPU, a tiny model
 
 Batches are given per context as `CONTEXT:B1,B2` (or `B1,B2`, for every context); `--context` is an alias of
@@ -15,23 +15,20 @@ Random fill (default): each cache is filled with random entries of the context's
 decodes `--new-tokens` greedy tokens twice: the first call compiles, the second is timed step by step (a logits
 processor records the time at every step; the median step is reported).
 
-`--prefill`: generate() runs a real chunked prefill (`prefill_chunk_size`, set for both models) of random prompt ids
-of the context's length into an empty static cache of context + new tokens slots (the checkpoint's
-StarKVStaticCache, transformers' StaticCache for the stock model), then decodes `--new-tokens`. generate() compiles
-the prefill chunks too, not only the decode step. So the cache is allocated before the first call (generate() does
-the same with its own static caches for chunked prefill: allocated inside the compiled first chunk, it would
-recompile later), a first call compiles on a prompt of two chunks only (the first chunk is masked differently from
-the next ones: both are compiled) and decodes; the cache is reset, and the second call, timed, prefills the whole
-context once and decodes: prefill seconds (from the call to the first token's logits), decode ms per step as above,
-peak memory of that call. Timing a second full prefill would only repeat tens of seconds per row; what the first call
-is for is compilation. A row also counts the graphs compiled during the timed call (0: the first call compiled
-everything). Use contexts that are multiples of the chunk (a shorter last chunk is another shape to compile).
+`--prefill`: a real chunked prefill (`--prefill-chunk` tokens a forward, the last position's logits only) of random
+prompt ids of the context's length into the empty static cache, run eagerly as generate() runs it without
+compilation, after a warm-up on two chunks; then the two generate() calls above decode from that cache. Reported: the
+prefill's seconds and peak memory, then decode as above. Why not generate(prefill_chunk_size=...) with the static
+cache: generate() then compiles the prefill chunks too, and the attention mask it passes grows with every chunk, so
+every chunk is a new graph: at 8K context, batch 15, neither model had finished its first call after 270 s on the
+H100 (transformers 5.17). Every chunk attends over the whole static cache, as in transformers' StaticCache.
 
 `--largest`: instead of the batch lists, each model's largest batch at each context, by bisection on a cheap fit test:
 a static cache of the timed run's size filled with random entries, then a forward without compilation prefills the
-last token (with `--prefill`: the last chunk, attending over the whole cache as every chunk of a static cache does)
-and another decodes one token. That allocates what the timed run allocates, except what compilation and CUDA graphs
-add; the timed run at the batch found confirms it, stepping down by 2% (up to 3 times) where it does not fit.
+last token (with `--prefill` or `--fit-prefill`: the last chunk, attending over the whole cache as every chunk of a
+static cache does) and another decodes one token. That allocates what the timed run allocates, except what
+compilation and CUDA graphs add; the timed run at the batch found confirms it, stepping down by 2% (up to 3 times)
+where it does not fit. `--fit-prefill` times decode only (random fill) at the batch found.
 
 `--tiny`: a 2-layer, hidden-64 random Llama and its STAR-KV version on the CPU (no compilation), small contexts
 (e.g. `--contexts 64 128`), and a simulated memory limit for `--largest`: for smoke tests of the flow only. Results
@@ -159,13 +156,8 @@ def random_ids(batch: int, tokens: int) -> torch.Tensor:
     return torch.randint(1, 1000, (batch, tokens), device=DEVICE)  # no pad token (0): nothing is masked as padding
 
 
-def generate_kwargs(new_tokens: int, chunk: int | None = None) -> dict:
-    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                prefill_chunk_size=chunk)  # fmt: skip
-
-
-def graphs_compiled() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+def generate_kwargs(new_tokens: int) -> dict:
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
 
 def decode_gaps_ms(steps: StepTimes) -> float:
@@ -173,15 +165,15 @@ def decode_gaps_ms(steps: StepTimes) -> float:
     return statistics.median(gaps) * 1e3
 
 
-def slots_needed(context: int, new_tokens: int, prefill: bool) -> int:
-    """Cache slots of a timed run: prefill, context + new tokens; random fill, two calls of new tokens after it."""
-    return context + new_tokens if prefill else context + 2 * new_tokens + 2
+def slots_needed(context: int, new_tokens: int) -> int:
+    """Cache slots of a timed run: the context, then two generate() calls of `new_tokens` (and the prefill's token)."""
+    return context + 2 * new_tokens + 2
 
 
 @torch.no_grad()
 def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
     """Median ms per compiled decode step of generate() at `batch` and `tokens` of random context; peak memory."""
-    cache = static_cache(model, batch, tokens, slots_needed(tokens, new_tokens, prefill=False))
+    cache = static_cache(model, batch, tokens, slots_needed(tokens, new_tokens))
     ids = random_ids(batch, tokens + 1)
     kwargs = generate_kwargs(new_tokens)
     reset_peak()
@@ -194,27 +186,42 @@ def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
     return {"ms_per_step": ms, "tokens_per_s": batch / ms * 1e3, "peak_GB": peak_gb(), "first_call_s": compile_s}
 
 
+def chunked_prefill(model, cache, ids: torch.Tensor, chunk: int, start: int = 0) -> torch.Tensor:
+    """Forwards `ids` chunk by chunk into `cache` from position `start` (the last position's logits only)."""
+    for begin in range(0, ids.shape[1], chunk):
+        piece = ids[:, begin : begin + chunk]
+        positions = torch.arange(start + begin, start + begin + piece.shape[1], device=DEVICE).expand(len(ids), -1)
+        logits = model(input_ids=piece, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
 @torch.no_grad()
 def prefill_decode(model, batch: int, context: int, new_tokens: int, chunk: int) -> dict:
-    """A real chunked prefill of `context` random tokens, then decode: seconds, ms per step, peak memory."""
-    cache = static_cache(model, batch, 1, slots_needed(context, new_tokens, prefill=True))
-    cache.reset()  # allocated here, empty: allocated in the compiled first chunk, it would recompile when timed
+    """A chunked prefill of `context` random tokens (eager), then compiled decode: seconds, ms/step, peak memory."""
+    cache = static_cache(model, batch, 1, slots_needed(context, new_tokens))
     ids = random_ids(batch, context)
-    kwargs = generate_kwargs(new_tokens, chunk)
-    start = time.perf_counter()
-    model.generate(ids[:, : min(context, 2 * chunk)], past_key_values=cache, **kwargs)  # compiles
-    compile_s = time.perf_counter() - start
+    cache.reset()
+    chunked_prefill(model, cache, ids[:, : min(context, 2 * chunk)], chunk)  # warm-up: kernels, allocator
     cache.reset()
     free_memory()
     reset_peak()
-    graphs, steps = graphs_compiled(), StepTimes()
+    synchronize()
     start = time.perf_counter()
+    first = chunked_prefill(model, cache, ids, chunk)
+    synchronize()
+    prefill_s = time.perf_counter() - start
+    prefill_peak = peak_gb()
+    ids = torch.cat([ids, first], dim=1)
+    kwargs = generate_kwargs(new_tokens)
+    start = time.perf_counter()
+    ids = model.generate(ids, past_key_values=cache, **kwargs)  # compiles the decode step
+    compile_s = time.perf_counter() - start
+    steps = StepTimes()
     model.generate(ids, past_key_values=cache, logits_processor=[steps], **kwargs)
-    prefill_s = steps.times[0] - start
     ms = decode_gaps_ms(steps)
-    return {"prefill_s": prefill_s, "prefill_tokens_per_s": batch * context / prefill_s, "ms_per_step": ms,
-            "tokens_per_s": batch / ms * 1e3, "peak_GB": peak_gb(), "first_call_s": compile_s,
-            "graphs_compiled_in_timed_call": graphs_compiled() - graphs}  # fmt: skip
+    return {"prefill_s": prefill_s, "prefill_tokens_per_s": batch * context / prefill_s,
+            "prefill_peak_GB": prefill_peak, "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
+            "peak_GB": peak_gb(), "first_call_s": compile_s}  # fmt: skip
 
 
 @torch.no_grad()
@@ -227,7 +234,7 @@ def fits(model, batch: int, context: int, new_tokens: int, chunk: int | None) ->
     prefill = chunk is not None
     cache = None
     try:
-        last, slots = chunk if prefill else 1, slots_needed(context, new_tokens, prefill)
+        last, slots = chunk if prefill else 1, slots_needed(context, new_tokens)
         simulate_memory(model, batch, slots, 1.0)
         cache = static_cache(model, batch, context - last, slots)
         ids = random_ids(batch, last)
@@ -250,7 +257,7 @@ def fits(model, batch: int, context: int, new_tokens: int, chunk: int | None) ->
 
 def largest_batch(model, name: str, context: int, new_tokens: int, chunk: int | None) -> int:
     """The largest batch that passes `fits`, by bisection below the batch whose cache alone fills the memory."""
-    per_sequence = sequence_bytes(model, slots_needed(context, new_tokens, chunk is not None))
+    per_sequence = sequence_bytes(model, slots_needed(context, new_tokens))
     free_memory()
     available = FAKE_MEMORY if FAKE_MEMORY is not None else torch.cuda.mem_get_info()[0]
     low, high = 0, available // per_sequence + 1
@@ -269,7 +276,7 @@ def run(model, batch: int, context: int, args) -> dict:
     """The timed row of `batch` at `context` (out of memory is a result); compiled state is dropped after it."""
     row = {}
     try:
-        simulate_memory(model, batch, slots_needed(context, args.new_tokens, args.prefill), 1.03)
+        simulate_memory(model, batch, slots_needed(context, args.new_tokens), 1.03)
         if args.prefill:
             row.update(prefill_decode(model, batch, context, args.new_tokens, args.prefill_chunk))
         else:
@@ -290,7 +297,7 @@ def measure(name: str, build, batches: dict[int, list[int]], args) -> list[dict]
     rows = []
     for context in args.contexts:
         if args.largest:
-            chunk = args.prefill_chunk if args.prefill else None
+            chunk = args.prefill_chunk if args.prefill or args.fit_prefill else None
             found = largest_batch(model, name, context, args.new_tokens, chunk)
             todo = [found] if found else []
         else:
@@ -349,6 +356,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--prefill", action="store_true", help="a real chunked prefill instead of random cache entries")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--largest", action="store_true", help="each model's largest batch instead of the batch lists")
+    p.add_argument("--fit-prefill", action="store_true", help="--largest: a prefill chunk in the fit test, untimed")
     p.add_argument("--models", nargs="+", choices=["stock", "starkv"], default=["stock", "starkv"])
     p.add_argument("--name", help="results name (default generate_static or, --prefill, generate_prefill; +_largest)")
     p.add_argument("--out", default=os.environ.get("OUT"))
@@ -369,7 +377,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = args.name or ("generate_prefill" if args.prefill else "generate_static") + ("_largest" * args.largest)
     env = {"device": "cpu (--tiny)", "torch": torch.__version__} if args.tiny else environment()
     result = {"benchmark": name, **env, "contexts": args.contexts, "new_tokens": args.new_tokens}
-    result.update(largest=args.largest, prefill_chunk=args.prefill_chunk if args.prefill else None, rows=rows)
+    chunk = args.prefill_chunk if args.prefill or args.fit_prefill else None
+    result.update(largest=args.largest, fit_prefill=args.largest and chunk is not None, prefill_chunk=chunk, rows=rows)
     if args.tiny:  # never over the real results
         if args.out:
             (Path(args.out) / f"{name}_tiny.json").write_text(json.dumps(result, indent=1))
