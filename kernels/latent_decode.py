@@ -372,12 +372,16 @@ if triton is not None:
 
     @triton.jit
     def _head_tile_scores(
-        ZK, zrow, in_range, keep, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
+        ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
-        """Scores of a KV head's G query heads over one tile, stored to the scores buffer."""
+        """
+        Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
+        tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
+        the stores vectorize).
+        """
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, n8, boff = setup
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
@@ -389,13 +393,13 @@ if triton is not None:
         tl.store(
             S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
             scores,
-            mask=in_range[:, None] & (g[None, :] < G),
+            mask=stored[:, None] & (g[None, :] < G),
         )
 
     @triton.jit
     def _scores_kernel(
         Q, ZK, POS, VALID, W, RANKS, OFFSETS, N8, BOFF, KBIAS, NORMW, INVF, S, COS, SIN,
-        T, tiles_per_split, row_len,
+        T, TP, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
         scaling, rope_scale, eps,
@@ -442,6 +446,7 @@ if triton is not None:
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
+            stored = t < TP
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
@@ -469,30 +474,33 @@ if triton is not None:
             zrow = b * stride_zb + t * stride_zt
             srow = b * stride_sb
             _head_tile_scores(
-                ZK, zrow, in_range, keep, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin, scaling,
-                stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
+                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
                 )  # fmt: skip
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
                 )  # fmt: skip
 
     @triton.jit
-    def _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT: tl.constexpr):
-        """A tile's token indices, which of them exist, and their scores (HP, BT) of every query head (-inf: none)."""
+    def _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT: tl.constexpr):
+        """
+        A tile's token indices, which of them exist, and their scores (HP, BT) of every query head (-inf: none). The
+        buffer holds TP tokens (whole tiles, -inf beyond T): masked by TP, a multiple of 16, the loads vectorize.
+        """
         t = tile * BT + tl.arange(0, BT)
         in_range = t < T
-        mask = head_ok[:, None] & in_range[None, :]
+        mask = head_ok[:, None] & (t < TP)[None, :]
         s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st, mask=mask, other=float("-inf"))
         return t, in_range, s
 
@@ -508,7 +516,7 @@ if triton is not None:
     @triton.jit
     def _values_kernel(
         S, ZV, ACC, MAX, SUM, OUT,
-        T, tiles_per_split, num_heads, v_rank, v_n8,
+        T, TP, tiles_per_split, num_heads, v_rank, v_n8,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr,
@@ -535,7 +543,7 @@ if triton is not None:
         acc = tl.zeros([HP, RVB], tl.float32)
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
-            t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, stride_sb, stride_sh, stride_st, BT)
+            t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
             row = b * stride_zb + t * stride_zt
             if GROUPS > 0:
                 even, odd = _group_latents(ZV, row, in_range, block * GROUPS, v_rank, v_n8, GROUPS, GROUP // 2,
@@ -593,6 +601,8 @@ DEFAULT_CONFIG = {
     "value_block": "auto",  # value-latent columns per program of the values pass: auto = an eighth of the rank, 32..128
     "scores_programs_per_sm": 8,  # context splits give each pass about this many programs per multiprocessor
     "values_programs_per_sm": 4,  # (more splits for the values pass would make the merge longer)
+    "scores_splits": 0,  # context splits of the scores pass, or 0: chosen as below
+    "values_splits": 0,  # the same for the values pass
     "scores_fewer_splits": (2, 16),  # but down to 2 programs per SM while splits would get fewer than 16 tiles each
     # (each program loads its head's up-projection once: at batch 1 that prologue outweighs a few tiles)
     "scores_warps": 4,
@@ -764,18 +774,21 @@ def latent_decode_attention(
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"]
     )
+    if cfg["scores_splits"]:
+        per_split = -(-tiles // cfg["scores_splits"])
+    padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
     if cfg["token_major_scores"]:
-        scores = _alloc(batch, tokens, num_heads, device=device)
+        scores = _alloc(batch, padded, num_heads, device=device)
         stride_sh, stride_st = scores.stride(2), scores.stride(1)
     else:
-        scores = _alloc(batch, num_heads, tokens, device=device)
+        scores = _alloc(batch, num_heads, padded, device=device)
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
     if not use_table:
         cos_t = sin_t = scores
     _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, n8_table, byte_offsets,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
-        tokens, per_split, row_len,
+        tokens, padded, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
         cos_t.stride(0), cos_t.stride(1),
@@ -797,13 +810,16 @@ def latent_decode_attention(
         groups_per_program = 0
         value_programs = triton.cdiv(v_rank, value_block)
     v_splits, v_per_split = _splits(tiles, batch * value_programs, device, cfg["values_programs_per_sm"])
+    if cfg["values_splits"]:
+        v_per_split = -(-tiles // cfg["values_splits"])
+        v_splits = -(-tiles // v_per_split)
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
     _values_kernel[(value_programs, v_splits, batch)](
         scores, value_latents, partial, maxes, sums, aggregated,
-        tokens, v_per_split, num_heads, v_rank, v_codec.n8[0] if quant else 0,
+        tokens, padded, v_per_split, num_heads, v_rank, v_codec.n8[0] if quant else 0,
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
