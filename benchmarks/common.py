@@ -10,6 +10,14 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def with_cache(cache) -> dict:
+    """The cache as a keyword of generate() and forward(): `cache` from transformers 5.24, `past_key_values` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values": cache}
+
+
 def environment() -> dict:
     import transformers
     import triton

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import environment, with_cache, write_results  # noqa: E402
 
 from starkv_convert.build import starkv_config  # noqa: E402
 from starkv_convert.ranks import RankPlan  # noqa: E402
@@ -98,7 +98,7 @@ def decode_steps(model, cache, batch: int, tokens: int, steps: int) -> float:
         position = torch.full((batch, 1), tokens + step, device="cuda")
         torch.cuda.synchronize()
         start = time.perf_counter()
-        logits = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True).logits
+        logits = model(input_ids=token, **with_cache(cache), position_ids=position, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
         if step >= 2:

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_results  # noqa: E402
+from common import environment, with_cache, write_results  # noqa: E402
 from generate import LLAMA_31_8B, build_bf16, starkv_model, stock_model  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
@@ -178,10 +178,10 @@ def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
     kwargs = generate_kwargs(new_tokens)
     reset_peak()
     start = time.perf_counter()
-    ids = model.generate(ids, past_key_values=cache, **kwargs)  # compiles
+    ids = model.generate(ids, **with_cache(cache), **kwargs)  # compiles
     compile_s = time.perf_counter() - start
     steps = StepTimes()
-    model.generate(ids, past_key_values=cache, logits_processor=[steps], **kwargs)
+    model.generate(ids, **with_cache(cache), logits_processor=[steps], **kwargs)
     ms = decode_gaps_ms(steps)
     return {"ms_per_step": ms, "tokens_per_s": batch / ms * 1e3, "peak_GB": peak_gb(), "first_call_s": compile_s}
 
@@ -191,7 +191,7 @@ def chunked_prefill(model, cache, ids: torch.Tensor, chunk: int, start: int = 0)
     for begin in range(0, ids.shape[1], chunk):
         piece = ids[:, begin : begin + chunk]
         positions = torch.arange(start + begin, start + begin + piece.shape[1], device=DEVICE).expand(len(ids), -1)
-        logits = model(input_ids=piece, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
+        logits = model(input_ids=piece, **with_cache(cache), position_ids=positions, logits_to_keep=1).logits
     return logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -214,10 +214,10 @@ def prefill_decode(model, batch: int, context: int, new_tokens: int, chunk: int)
     ids = torch.cat([ids, first], dim=1)
     kwargs = generate_kwargs(new_tokens)
     start = time.perf_counter()
-    ids = model.generate(ids, past_key_values=cache, **kwargs)  # compiles the decode step
+    ids = model.generate(ids, **with_cache(cache), **kwargs)  # compiles the decode step
     compile_s = time.perf_counter() - start
     steps = StepTimes()
-    model.generate(ids, past_key_values=cache, logits_processor=[steps], **kwargs)
+    model.generate(ids, **with_cache(cache), logits_processor=[steps], **kwargs)
     ms = decode_gaps_ms(steps)
     return {"prefill_s": prefill_s, "prefill_tokens_per_s": batch * context / prefill_s,
             "prefill_peak_GB": prefill_peak, "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
@@ -240,9 +240,7 @@ def fits(model, batch: int, context: int, new_tokens: int, chunk: int | None) ->
         ids = random_ids(batch, last)
         positions = torch.arange(context - last, context + 1, device=DEVICE).expand(batch, -1)
         for step in (slice(0, last), slice(last, last + 1)):
-            logits = model(
-                input_ids=ids, past_key_values=cache, position_ids=positions[:, step], logits_to_keep=1
-            ).logits
+            logits = model(input_ids=ids, **with_cache(cache), position_ids=positions[:, step], logits_to_keep=1).logits
             ids = logits[:, -1].argmax(-1, keepdim=True)
         synchronize()
         return True

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import with_cache  # noqa: E402
 from generate import build_bf16, starkv_model, stock_model  # noqa: E402
 from generate_static import slots_needed, static_cache  # noqa: E402
 
@@ -35,7 +36,7 @@ def main() -> None:
 
     def step() -> None:
         positions = torch.full((args.batch, 1), position[0], device="cuda")
-        model(input_ids=ids, past_key_values=cache, position_ids=positions, logits_to_keep=1)
+        model(input_ids=ids, **with_cache(cache), position_ids=positions, logits_to_keep=1)
         position[0] += 1
 
     for _ in range(3):
