@@ -406,7 +406,8 @@ class StarKVModel(StarKVPreTrainedModel):
         key_position_embeddings, rope = position_embeddings, None
         if past_key_values is not None:
             key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
-            if inputs_embeds.shape[1] == 1 and past_seen_tokens > 0 and use_decode_kernel(inputs_embeds.device):
+            # (a static cache's length is a tensor: no branch on it, or torch.compile breaks the graph here)
+            if inputs_embeds.shape[1] == 1 and use_decode_kernel(inputs_embeds.device):
                 inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
                 tables = None  # cos/sin of the cached positions, once per step for all layers (16-bit models)
                 if inputs_embeds.dtype != torch.float32:

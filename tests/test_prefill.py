@@ -151,3 +151,30 @@ def test_static_generate_allocates_no_full_cache(converted, tokenizer, monkeypat
     out = _generate(model, inputs, prefill_chunk_size=5, cache_implementation="static")
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 10
     assert early == []
+
+
+def test_compiled_static_generation_traces_whole_graphs(converted, tokenizer):
+    """
+    generate() compiles the forward over a static latent cache (prefill chunks and decode steps): no graph break (a
+    branch on the cache's length, a tensor, was one), no recompilation per chunk, and the eager tokens. Compiled with
+    dynamo's eager backend on the CPU, which traces and guards as inductor would.
+    """
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    folder = converted("llama3", kv_ratio=0.5)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    chunks = -(-inputs["input_ids"].shape[1] // 5)
+    eager = _generate(model, inputs, cache_implementation="static", prefill_chunk_size=5)
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _generate(model, inputs, cache_implementation="static", prefill_chunk_size=5, compile_config=config)
+    assert not counters["graph_break"], list(counters["graph_break"])[:1]
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 < graphs <= 4 < chunks  # first chunk, later chunks, the shorter last one, decode steps
+    assert torch.equal(eager.sequences, compiled.sequences)
+    torch._dynamo.reset()
