@@ -19,9 +19,10 @@ processor records the time at every step; the median step is reported).
 prompt ids of the context's length into the empty static cache, run eagerly as generate() runs it without
 compilation, after a warm-up on two chunks; then the two generate() calls above decode from that cache. Reported: the
 prefill's seconds and peak memory, then decode as above. Why not generate(prefill_chunk_size=...) with the static
-cache: generate() then compiles the prefill chunks too, and the attention mask it passes grows with every chunk, so
-every chunk is a new graph: at 8K context, batch 15, neither model had finished its first call after 270 s on the
-H100 (transformers 5.17). Every chunk attends over the whole static cache, as in transformers' StaticCache.
+cache: generate() then compiles and CUDA-graphs the prefill chunks too (three graphs: the first chunk, the next ones,
+the decode step; counted on the CPU with transformers 5.23, tests/test_prefill.py), and at 8K context, batch 15,
+neither model had finished its first call after 270 s on the H100 (transformers 5.17; why was not investigated).
+Every chunk attends over the whole static cache, as in transformers' StaticCache.
 
 `--largest`: instead of the batch lists, each model's largest batch at each context, by bisection on a cheap fit test:
 a static cache of the timed run's size filled with random entries, then a forward without compilation prefills the
