@@ -12,10 +12,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def with_cache(cache) -> dict:
     """The cache as a keyword of generate() and forward(): `cache` from transformers 5.24, `past_key_values` before."""
+    return {_CACHE_KEYWORD: cache}
+
+
+def _cache_keyword() -> str:
     import transformers
     from packaging.version import Version
 
-    return {"cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values": cache}
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+_CACHE_KEYWORD = _cache_keyword()
 
 
 def environment() -> dict:

@@ -22,7 +22,8 @@ prefill's seconds and peak memory, then decode as above. Why not generate(prefil
 cache: generate() then compiles and CUDA-graphs the prefill chunks too (three graphs: the first chunk, the next ones,
 the decode step; counted on the CPU with transformers 5.23, tests/test_prefill.py), and at 8K context, batch 15,
 neither model had finished its first call after 270 s on the H100 (transformers 5.17; why was not investigated).
-Every chunk attends over the whole static cache, as in transformers' StaticCache.
+Every chunk attends over the whole static cache, as in transformers' StaticCache. Use contexts that are multiples of
+the chunk: a shorter last chunk is one more shape, which the warm-up does not cover.
 
 `--largest`: instead of the batch lists, each model's largest batch at each context, by bisection on a cheap fit test:
 a static cache of the timed run's size filled with random entries, then a forward without compilation prefills the
@@ -125,19 +126,19 @@ def cache_bytes(cache) -> int:
 def static_cache(model, batch: int, tokens: int, slots: int):
     """A static cache of `slots` slots holding `tokens` random entries per sequence."""
     config, g = model.config, torch.Generator(device=DEVICE).manual_seed(0)
-    bf16 = dict(device=DEVICE, dtype=torch.bfloat16, generator=g)
+    like = dict(device=DEVICE, dtype=model.dtype, generator=g)  # random entries in the model's dtype
     if config.model_type == "starkv":
         cache = import_remote("cache_starkv").StarKVStaticCache(config, slots)
         cache.update_positions(torch.arange(tokens, device=DEVICE)[None], batch)
         for i in range(config.num_hidden_layers):
-            zk = torch.randn(batch, tokens, sum(config.kv_k_ranks[i]), **bf16)
-            cache.update_latents(zk, torch.randn(batch, tokens, config.kv_v_ranks[i], **bf16), i)
+            zk = torch.randn(batch, tokens, sum(config.kv_k_ranks[i]), **like)
+            cache.update_latents(zk, torch.randn(batch, tokens, config.kv_v_ranks[i], **like), i)
     else:
         from transformers import StaticCache
 
         cache = StaticCache(config=config, max_cache_len=slots)
         for i in range(config.num_hidden_layers):
-            k = torch.randn(batch, config.num_key_value_heads, tokens, config.head_dim, **bf16)
+            k = torch.randn(batch, config.num_key_value_heads, tokens, config.head_dim, **like)
             cache.update(k, torch.randn_like(k), i)
     return cache
 
@@ -187,13 +188,13 @@ def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
     return {"ms_per_step": ms, "tokens_per_s": batch / ms * 1e3, "peak_GB": peak_gb(), "first_call_s": compile_s}
 
 
-def chunked_prefill(model, cache, ids: torch.Tensor, chunk: int, start: int = 0) -> torch.Tensor:
-    """Forwards `ids` chunk by chunk into `cache` from position `start` (the last position's logits only)."""
+def chunked_prefill(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Forwards `ids` chunk by chunk into the empty `cache`, computing the last position's logits only; returns them."""
     for begin in range(0, ids.shape[1], chunk):
         piece = ids[:, begin : begin + chunk]
-        positions = torch.arange(start + begin, start + begin + piece.shape[1], device=DEVICE).expand(len(ids), -1)
+        positions = torch.arange(begin, begin + piece.shape[1], device=DEVICE).expand(len(ids), -1)
         logits = model(input_ids=piece, **with_cache(cache), position_ids=positions, logits_to_keep=1).logits
-    return logits[:, -1].argmax(-1, keepdim=True)
+    return logits[:, -1]
 
 
 @torch.no_grad()
@@ -208,10 +209,11 @@ def prefill_decode(model, batch: int, context: int, new_tokens: int, chunk: int)
     reset_peak()
     synchronize()
     start = time.perf_counter()
-    first = chunked_prefill(model, cache, ids, chunk)
+    first = chunked_prefill(model, cache, ids, chunk).argmax(-1, keepdim=True)
     synchronize()
     prefill_s = time.perf_counter() - start
     prefill_peak = peak_gb()
+    reset_peak()  # peak_GB: the decode's
     ids = torch.cat([ids, first], dim=1)
     kwargs = generate_kwargs(new_tokens)
     start = time.perf_counter()
@@ -235,7 +237,7 @@ def fits(model, batch: int, context: int, new_tokens: int, chunk: int | None) ->
     prefill = chunk is not None
     cache = None
     try:
-        last, slots = chunk if prefill else 1, slots_needed(context, new_tokens)
+        last, slots = min(chunk, context - 1) if prefill else 1, slots_needed(context, new_tokens)
         simulate_memory(model, batch, slots, 1.0)
         cache = static_cache(model, batch, context - last, slots)
         ids = random_ids(batch, last)
@@ -376,7 +378,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = args.name or ("generate_prefill" if args.prefill else "generate_static") + ("_largest" * args.largest)
     env = {"device": "cpu (--tiny)", "torch": torch.__version__} if args.tiny else environment()
     result = {"benchmark": name, **env, "contexts": args.contexts, "new_tokens": args.new_tokens}
-    chunk = args.prefill_chunk if args.prefill or args.fit_prefill else None
+    chunk = args.prefill_chunk if args.prefill or (args.largest and args.fit_prefill) else None
     result.update(largest=args.largest, fit_prefill=args.largest and chunk is not None, prefill_chunk=chunk, rows=rows)
     if args.tiny:  # never over the real results
         if args.out:

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import with_cache  # noqa: E402
 from generate import build_bf16, starkv_model, stock_model  # noqa: E402
-from generate_static import slots_needed, static_cache  # noqa: E402
+from generate_static import static_cache  # noqa: E402
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=20)
     args = p.parse_args()
     model = build_bf16(starkv_model if args.model == "starkv" else stock_model)
-    cache = static_cache(model, args.batch, args.context, slots_needed(args.context, 24))
+    cache = static_cache(model, args.batch, args.context, args.context + 3 + 2 * args.steps)  # every step's slot
     ids = torch.randint(1, 1000, (args.batch, 1), device="cuda")
     position = [args.context]
 
