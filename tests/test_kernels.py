@@ -130,6 +130,18 @@ def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"scores_splits": 3, "values_splits": 5, "block_tokens": 16},  # the last splits run past the last tile
+        {"token_major_scores": True, "heads_per_program": 2, "block_tokens": 32},
+    ],
+)
+def test_forced_splits_and_other_layouts(poisoned, config):
+    """Splits set by hand and the other scores layouts: every padded score written before it is read (NaN poison)."""
+    check(make_case(2, 101, 2, 2, 64, [20, 31], 50, pad=9, seed=5), torch.float32, config)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_context_with_large_positions(poisoned, dtype):
     """Positions far beyond the context (as after long generation): RoPE angles of thousands of radians."""
