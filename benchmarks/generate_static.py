@@ -172,20 +172,24 @@ def slots_needed(context: int, new_tokens: int) -> int:
     return context + 2 * new_tokens + 2
 
 
-@torch.no_grad()
-def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
-    """Median ms per compiled decode step of generate() at `batch` and `tokens` of random context; peak memory."""
-    cache = static_cache(model, batch, tokens, slots_needed(tokens, new_tokens))
-    ids = random_ids(batch, tokens + 1)
+def timed_decode(model, cache, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Two generate() calls from `cache` (holding all but the last of `ids`): one compiles, one is timed by step."""
     kwargs = generate_kwargs(new_tokens)
     reset_peak()
     start = time.perf_counter()
-    ids = model.generate(ids, **with_cache(cache), **kwargs)  # compiles
+    ids = model.generate(ids, **with_cache(cache), **kwargs)  # compiles the decode step
     compile_s = time.perf_counter() - start
     steps = StepTimes()
     model.generate(ids, **with_cache(cache), logits_processor=[steps], **kwargs)
     ms = decode_gaps_ms(steps)
-    return {"ms_per_step": ms, "tokens_per_s": batch / ms * 1e3, "peak_GB": peak_gb(), "first_call_s": compile_s}
+    return {"ms_per_step": ms, "tokens_per_s": len(ids) / ms * 1e3, "peak_GB": peak_gb(), "first_call_s": compile_s}
+
+
+@torch.no_grad()
+def decode(model, batch: int, tokens: int, new_tokens: int) -> dict:
+    """Median ms per compiled decode step of generate() at `batch` and `tokens` of random context; peak memory."""
+    cache = static_cache(model, batch, tokens, slots_needed(tokens, new_tokens))
+    return timed_decode(model, cache, random_ids(batch, tokens + 1), new_tokens)
 
 
 def chunked_prefill(model, cache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -212,19 +216,8 @@ def prefill_decode(model, batch: int, context: int, new_tokens: int, chunk: int)
     first = chunked_prefill(model, cache, ids, chunk).argmax(-1, keepdim=True)
     synchronize()
     prefill_s = time.perf_counter() - start
-    prefill_peak = peak_gb()
-    reset_peak()  # peak_GB: the decode's
-    ids = torch.cat([ids, first], dim=1)
-    kwargs = generate_kwargs(new_tokens)
-    start = time.perf_counter()
-    ids = model.generate(ids, **with_cache(cache), **kwargs)  # compiles the decode step
-    compile_s = time.perf_counter() - start
-    steps = StepTimes()
-    model.generate(ids, **with_cache(cache), logits_processor=[steps], **kwargs)
-    ms = decode_gaps_ms(steps)
-    return {"prefill_s": prefill_s, "prefill_tokens_per_s": batch * context / prefill_s,
-            "prefill_peak_GB": prefill_peak, "ms_per_step": ms, "tokens_per_s": batch / ms * 1e3,
-            "peak_GB": peak_gb(), "first_call_s": compile_s}  # fmt: skip
+    row = {"prefill_s": prefill_s, "prefill_tokens_per_s": batch * context / prefill_s, "prefill_peak_GB": peak_gb()}
+    return row | timed_decode(model, cache, torch.cat([ids, first], dim=1), new_tokens)  # peak_GB: the decode's
 
 
 @torch.no_grad()
