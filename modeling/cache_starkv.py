@@ -1,5 +1,7 @@
 """The STAR-KV cache: low-rank key/value latents per layer plus the positions of the cached tokens."""
 
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
 
@@ -38,6 +40,7 @@ class StarKVCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer())
         super().__init__(layers=layers)
         self.positions: torch.Tensor | None = None
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, when kept
 
     def _held_tokens(self) -> int:
         """Tokens held by the longest layer (all of them unless every layer is a full sliding window)."""
@@ -49,10 +52,31 @@ class StarKVCache(Cache):
         self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=-1)
         return self.positions
 
+    def update_rope_tables(self, new_positions: torch.Tensor, make: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Appends the RoPE tables of new tokens, `make(new_positions)` (cos, sin: batch, tokens, head_dim / 2), after
+        `update_positions`, and returns those of every held token: each token's tables are computed once, not at
+        every decode step. Tables that do not cover the earlier tokens are made again from all positions.
+        """
+        held, new = self.positions.shape[1], new_positions.shape[1]
+        if self.rope_tables is None or self.rope_tables[0].shape[1] + new != held:
+            self.rope_tables = make(self.positions)
+        else:
+            self.rope_tables = tuple(torch.cat([t, n], dim=1) for t, n in zip(self.rope_tables, make(new_positions)))
+        return self.rope_tables
+
+    def _per_token(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Applies `fn` to the positions and RoPE tables (batch and tokens their first two axes)."""
+        if self.positions is not None:
+            self.positions = fn(self.positions)
+        if self.rope_tables is not None:
+            self.rope_tables = tuple(fn(t) for t in self.rope_tables)
+
     def trim_positions(self) -> None:
         """Drops the positions of tokens no layer holds any more (after a forward through every layer)."""
         if self.positions is not None:
-            self.positions = self.positions[:, self.positions.shape[1] - self._held_tokens() :]
+            held = self._held_tokens()
+            self._per_token(lambda t: t[:, t.shape[1] - held :])
 
     def update_latents(
         self, key_latents: torch.Tensor, value_latents: torch.Tensor, layer_idx: int
@@ -66,12 +90,11 @@ class StarKVCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.positions = None
+        self.positions = self.rope_tables = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+        self._per_token(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Removes the last -tokens_to_remove tokens (a positive value is the legacy "keep this many tokens")."""
@@ -79,18 +102,16 @@ class StarKVCache(Cache):
         super().crop(tokens_to_remove)
         if self.positions is not None:
             removed = -tokens_to_remove if tokens_to_remove <= 0 else max(total - tokens_to_remove, 0)
-            self.positions = self.positions[:, : self.positions.shape[1] - removed]
+            self._per_token(lambda t: t[:, : t.shape[1] - removed])
             self.trim_positions()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self._per_token(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices, ...]
+        self._per_token(lambda t: t[indices, ...])
 
 
 class StaticLatentLayer(StaticLayer):
@@ -115,6 +136,7 @@ class StarKVStaticCache(StarKVCache):
         Cache.__init__(self, layers=layers)
         self._max_cache_len = max_cache_len
         self.positions: torch.Tensor | None = None
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.written: torch.Tensor | None = None  # tokens written so far, a 0-d tensor (no recompilation as it grows)
 
     @property
@@ -134,10 +156,28 @@ class StarKVStaticCache(StarKVCache):
         self.written.add_(new.shape[1])
         return self.positions
 
+    def update_rope_tables(self, new_positions: torch.Tensor, make: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Writes the RoPE tables of new tokens, `make(new_positions)`, into their slots and returns those of all
+        `max_cache_len` slots. The first call makes them from every slot (those not written yet are masked anyway).
+        """
+        if self.rope_tables is None:
+            self.rope_tables = make(self.positions)
+            if not torch.compiler.is_compiling():
+                for table in self.rope_tables:
+                    torch._dynamo.mark_static_address(table)
+            return self.rope_tables
+        new = new_positions.shape[1]
+        slots = torch.arange(new, device=new_positions.device) + self.written - new  # `written` counts them already
+        for table, values in zip(self.rope_tables, make(new_positions)):
+            table.index_copy_(1, slots, values)
+        return self.rope_tables
+
     def trim_positions(self) -> None:
         """Nothing to trim: the slots stay."""
 
     def reset(self) -> None:
+        """Empties the cache; the RoPE tables stay allocated (every slot is written again before it is read)."""
         Cache.reset(self)
         if self.positions is not None:
             self.positions.zero_()

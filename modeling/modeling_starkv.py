@@ -405,15 +405,19 @@ class StarKVModel(StarKVPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         key_position_embeddings, rope = position_embeddings, None
         if past_key_values is not None:
-            key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0])
+            batch, dtype = inputs_embeds.shape[0], inputs_embeds.dtype
+            key_positions = past_key_values.update_positions(position_ids, batch)
             # (a static cache's length is a tensor: no branch on it, or torch.compile breaks the graph here)
-            if inputs_embeds.shape[1] == 1 and use_decode_kernel(inputs_embeds.device):
+            if use_decode_kernel(inputs_embeds.device):
                 inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
-                tables = None  # cos/sin of the cached positions, once per step for all layers (16-bit models)
-                if inputs_embeds.dtype != torch.float32:
-                    tables = rope_tables(key_positions, inv_freq, scale, inputs_embeds.dtype)
-                rope = (inv_freq, scale, tables)
-            elif key_positions.shape[1] != inputs_embeds.shape[1]:  # earlier tokens, or a static cache's slots
+                tables = None  # the kernel's cos/sin of the cached positions, kept by the cache (16-bit models)
+                if dtype != torch.float32:
+                    new_positions = position_ids.to(torch.int32).expand(batch, -1)
+                    tables = past_key_values.update_rope_tables(
+                        new_positions, lambda p: rope_tables(p, inv_freq, scale, dtype)
+                    )
+                rope = (inv_freq, scale, tables) if inputs_embeds.shape[1] == 1 else None
+            if rope is None and key_positions.shape[1] != inputs_embeds.shape[1]:  # earlier tokens, or static slots
                 key_position_embeddings = self.rotary_emb(hidden_states, position_ids=key_positions)
 
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:

@@ -343,3 +343,77 @@ def test_kernel_switch(monkeypatch):
     monkeypatch.setenv("STARKV_DECODE_KERNEL", "fast")
     with pytest.raises(ValueError, match="use auto, triton or torch"):
         kernels.use_decode_kernel(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "family, kwargs",
+    [
+        ("llama3", dict(cache_implementation="static")),
+        ("mistral", dict(prefill_chunk_size=5)),  # sliding window: the cache trims its oldest tokens
+    ],
+)
+def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwargs, converted, tokenizer):
+    """
+    A 16-bit model decoding through the kernel keeps the RoPE tables in the cache, each token's made once: after
+    generate() they are the tables of the cache's positions, as if made from all of them at once.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = converted(family, kv_ratio=0.5)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float16).eval()
+    model.to(DEVICE)
+    monkeypatch.setenv("STARKV_DECODE_KERNEL", "triton")
+    tokenizer.padding_side = "left"
+    prompts = ["Short", "A longer prompt that needs no padding, and is longer than a sliding window of eight"]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(DEVICE)
+    caches = []
+    prepare = model._prepare_cache_for_generation
+
+    def recording(generation_config, model_kwargs, *args, **more):
+        prepare(generation_config, model_kwargs, *args, **more)
+        caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
+
+    model._prepare_cache_for_generation = recording
+    model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, **kwargs)
+    cache = caches[0]
+    rotary = model.model.rotary_emb
+    expected = kernels.rope_tables(cache.positions, rotary.inv_freq, rotary.attention_scaling, torch.float16)
+    assert cache.rope_tables is not None and cache.positions.shape[0] == len(prompts) * kwargs.get("num_beams", 1)
+    for kept, made in zip(cache.rope_tables, expected):
+        assert torch.equal(kept, made)
+
+
+def test_cache_operations_keep_rope_tables_with_positions(converted):
+    """Beam reordering, batch selection and repetition, and cropping apply to the kept RoPE tables as to positions."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(converted("llama3", kv_ratio=0.5), trust_remote_code=True)
+    cache = import_remote("cache_starkv").StarKVCache(config)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+
+    def make(positions):
+        return kernels.rope_tables(positions, inv_freq, 1.0, torch.float16)
+
+    def append(positions):
+        cache.update_positions(positions, len(positions))
+        for i in range(config.num_hidden_layers):
+            shape = (len(positions), positions.shape[1])
+            cache.update_latents(torch.randn(*shape, sum(config.kv_k_ranks[i])), torch.randn(*shape, 4), i)
+        cache.update_rope_tables(positions.to(torch.int32), make)
+
+    def check():
+        for kept, made in zip(cache.rope_tables, make(cache.positions)):
+            assert torch.equal(kept, made)
+
+    append(torch.arange(5)[None] + torch.tensor([[0], [7], [100]]))  # a different position in every sequence
+    append(torch.tensor([[5], [12], [105]]))
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    check()
+    assert cache.positions[0, -1] == 105
+    cache.batch_select_indices(torch.tensor([0, 2]))
+    cache.batch_repeat_interleave(2)
+    check()
+    assert cache.positions.shape == (4, 6)
+    cache.crop(-2)
+    check()
+    assert cache.rope_tables[0].shape[:2] == (4, 4)
