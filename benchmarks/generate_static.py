@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generate  # noqa: E402
 from common import environment, with_cache, write_results  # noqa: E402
 from generate import LLAMA_31_8B, build_bf16, starkv_model, stock_model  # noqa: E402
 
@@ -59,7 +60,10 @@ FAKE_MEMORY: int | None = None  # --tiny: the bytes caches may take before a sim
 TINY = dict(LLAMA_31_8B, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16384)  # fmt: skip
 STOCK = "stock, SDPA, StaticCache, compiled"
-OURS = "STAR-KV K30%/V50%, StarKVStaticCache, compiled"
+OURS = {
+    "16": "STAR-KV K30%/V50%, StarKVStaticCache, compiled",
+    "4": "STAR-KV K25%/V25% 4-bit, StarKVStaticCache, compiled",
+}
 
 
 def tiny_stock_model():
@@ -76,9 +80,10 @@ def tiny_starkv_model():
     from starkv_convert.build import starkv_config
     from starkv_convert.ranks import RankPlan
 
-    layers = TINY["num_hidden_layers"]
-    plan = RankPlan(k=[[5] * TINY["num_key_value_heads"] for _ in range(layers)], v=[16] * layers)
-    config = starkv_config(LlamaConfig(**TINY), plan, torch.bfloat16)
+    layers, heads = TINY["num_hidden_layers"], TINY["num_key_value_heads"]
+    plan = RankPlan(k=[[5] * heads for _ in range(layers)], v=[16] * layers)
+    quant = {"group": 32, "k_n8": [[0] * heads for _ in range(layers)], "v_n8": [0] * layers}
+    config = starkv_config(LlamaConfig(**TINY), plan, torch.bfloat16, quant if generate.FOUR_BIT else None)
     return import_remote("modeling_starkv").StarKVForCausalLM(config).eval()
 
 
@@ -131,8 +136,15 @@ def static_cache(model, batch: int, tokens: int, slots: int):
         cache = import_remote("cache_starkv").StarKVStaticCache(config, slots)
         cache.update_positions(torch.arange(tokens, device=DEVICE)[None], batch)
         for i in range(config.num_hidden_layers):
-            zk = torch.randn(batch, tokens, sum(config.kv_k_ranks[i]), **like)
-            cache.update_latents(zk, torch.randn(batch, tokens, config.kv_v_ranks[i], **like), i)
+            if config.kv_quant is not None:  # one sequence's codes and scales, repeated over the batch
+                zk = torch.randn(1, tokens, sum(config.kv_k_ranks[i]), **like)
+                zv = torch.randn(1, tokens, config.kv_v_ranks[i], **like)
+                rows = (c.encode(z) for c, z in zip(model.model.layers[i].self_attn.codecs, (zk, zv)))
+                zk, zv = (r.expand(batch, -1, -1) for r in rows)
+            else:
+                zk = torch.randn(batch, tokens, sum(config.kv_k_ranks[i]), **like)
+                zv = torch.randn(batch, tokens, config.kv_v_ranks[i], **like)
+            cache.update_latents(zk, zv, i)
     else:
         from transformers import StaticCache
 
@@ -352,11 +364,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--largest", action="store_true", help="each model's largest batch instead of the batch lists")
     p.add_argument("--fit-prefill", action="store_true", help="--largest: a prefill chunk in the fit test, untimed")
     p.add_argument("--models", nargs="+", choices=["stock", "starkv"], default=["stock", "starkv"])
+    p.add_argument("--kv-bits", choices=sorted(generate.SETTINGS), default="16",
+                   help="16: K 30%% / V 50%% bf16 latents; 4: K 25%% / V 25%% latents in 4 bits")  # fmt: skip
     p.add_argument("--name", help="results name (default generate_static or, --prefill, generate_prefill; +_largest)")
     p.add_argument("--out", default=os.environ.get("OUT"))
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tiny-memory", type=int, default=600_000, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    generate.K_RANK, generate.V_RANK, generate.FOUR_BIT = generate.SETTINGS[args.kv_bits]
     if args.tiny:
         DEVICE, FAKE_MEMORY = "cpu", args.tiny_memory
         builds = (tiny_stock_model, tiny_starkv_model)
@@ -366,11 +381,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if "stock" in args.models:
         rows += measure(STOCK, builds[0], per_context(args.stock_batches, args.contexts), args)
     if "starkv" in args.models:
-        rows += measure(OURS, builds[1], per_context(args.batches, args.contexts), args)
+        rows += measure(OURS[args.kv_bits], builds[1], per_context(args.batches, args.contexts), args)
 
     name = args.name or ("generate_prefill" if args.prefill else "generate_static") + ("_largest" * args.largest)
     env = {"device": "cpu (--tiny)", "torch": torch.__version__} if args.tiny else environment()
-    result = {"benchmark": name, **env, "contexts": args.contexts, "new_tokens": args.new_tokens}
+    result = {
+        "benchmark": name,
+        **env,
+        "kv_bits": args.kv_bits,
+        "contexts": args.contexts,
+        "new_tokens": args.new_tokens,
+    }
     chunk = args.prefill_chunk if args.prefill or (args.largest and args.fit_prefill) else None
     result.update(largest=args.largest, fit_prefill=args.largest and chunk is not None, prefill_chunk=chunk, rows=rows)
     if args.tiny:  # never over the real results

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import generate_static  # noqa: E402
 
-STOCK, OURS = generate_static.STOCK, generate_static.OURS
+STOCK, OURS, OURS_4BIT = generate_static.STOCK, generate_static.OURS["16"], generate_static.OURS["4"]
 
 
 def run(tmp_path, *args: str) -> list[dict]:
@@ -64,3 +64,18 @@ def test_fit_test_takes_a_chunk_longer_than_the_context(monkeypatch):
     monkeypatch.setattr(generate_static, "FAKE_MEMORY", None)
     model = generate_static.tiny_starkv_model().float()
     assert generate_static.fits(model, 2, 40, 3, chunk=64)
+
+
+def test_four_bit_latents_fit_more_sequences(tmp_path, monkeypatch):
+    """--kv-bits 4: the cache holds codes and scales (uint8 rows), and more sequences fit under the same limit."""
+    for name in ("K_RANK", "V_RANK", "FOUR_BIT"):  # main() sets them; restored after the test
+        monkeypatch.setattr(generate_static.generate, name, getattr(generate_static.generate, name))
+    args = ("--largest", "--contexts", "64", "--models", "starkv", "--tiny-memory", "300000")
+    (bf16,) = run(tmp_path, *args)
+    (tmp_path / "generate_static_largest_tiny.json").unlink()
+    (four_bit,) = run(tmp_path, *args, "--kv-bits", "4")
+    assert (bf16["model"], four_bit["model"]) == (OURS, OURS_4BIT)
+    assert four_bit["batch"] > bf16["batch"] > 0 and four_bit["ms_per_step"] > 0
+    monkeypatch.setattr(generate_static, "DEVICE", "cpu")
+    cache = generate_static.static_cache(generate_static.tiny_starkv_model(), 2, 8, 16)
+    assert cache.layers[0].keys.dtype == torch.uint8
