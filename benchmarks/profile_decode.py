@@ -3,7 +3,7 @@ Where the decode kernel's time goes: per-kernel CUDA times (torch.profiler) and 
 ANCHORS shapes, with the RoPE tables passed in as the model does. A development tool; decode_attention.py records
 the results that count.
 
-    python benchmarks/profile_decode.py [--rows 7 3] [--quick]
+    python benchmarks/profile_decode.py [--rows 7 3] [--quick] [--valid] [--kv-bits 4]
 """
 
 import argparse
@@ -50,6 +50,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 32": {"value_block": 32},
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
     "values dequantized per value": {"grouped_values": False},
+    "validity flags padded to whole tiles": {"pad_valid": True},  # (with --valid)
 }
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 
@@ -72,6 +73,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only the default and per-value key dequantization")
     p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
+    p.add_argument("--valid", action="store_true", help="a validity mask as the model passes (3 padding tokens)")
     args = p.parse_args()
     decode_attention.K_RANK, decode_attention.V_PER_HEAD, decode_attention.EIGHT_BIT = decode_attention.SETTINGS[
         args.kv_bits
@@ -80,6 +82,9 @@ def main() -> None:
     for index in args.rows:
         name, heads, kv_heads, batch, tokens = ROWS[index]
         inputs = latent_inputs(kv_heads, batch, tokens, g)
+        if args.valid:
+            inputs["valid"] = torch.ones(batch, tokens, dtype=torch.bool, device="cuda")
+            inputs["valid"][:, :3] = False
         if decode_attention.EIGHT_BIT is not None:
             inputs = quantize_inputs(inputs)
         tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)

@@ -72,7 +72,7 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     cos/sin (batch, tokens, head_dim / 2) of the cached positions for the decode kernel, in the model dtype as
-    transformers rounds them. The model computes them once per decode step and every layer reuses them.
+    transformers rounds them. The cache keeps them (each token's made once, as it is cached) and every layer reads them.
     """
     freqs = positions.float()[..., None] * inv_freq.float().to(positions.device)
     return (freqs.cos() * rope_scale).to(dtype), (freqs.sin() * rope_scale).to(dtype)
@@ -404,7 +404,8 @@ if triton is not None:
         stride_cb, stride_ct,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
-        HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+        HPP: tl.constexpr, HAS_VALID: tl.constexpr, VALID_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
@@ -449,7 +450,11 @@ if triton is not None:
             stored = t < TP
             keep = in_range
             if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
+                if VALID_PADDED:  # whole tiles of flags (0 beyond the context): aligned rows, a mask constant over 16
+                    flags = tl.load(VALID + b * stride_vb + t, mask=stored, other=0)
+                else:
+                    flags = tl.load(VALID + b * stride_vb + t, mask=in_range, other=0)
+                keep = keep & (flags != 0)
             if ROPE_TABLE:  # cos/sin of every cached position, computed once per call (16-bit, as transformers)
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
@@ -617,6 +622,7 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
+    "pad_valid": False,  # validity flags copied into whole tiles (aligned rows, vectorizable loads)
 }
 
 
@@ -777,6 +783,10 @@ def latent_decode_attention(
     if cfg["scores_splits"]:
         per_split = -(-tiles // cfg["scores_splits"])
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
+    pad_valid = valid is not None and bool(cfg["pad_valid"])
+    if pad_valid:  # the validity flags too (not measured yet whether it pays)
+        valid_arg = torch.zeros(batch, padded, dtype=torch.int8, device=device)
+        valid_arg[:, :tokens] = valid
     if cfg["token_major_scores"]:
         scores = _alloc(batch, padded, num_heads, device=device)
         stride_sh, stride_st = scores.stride(2), scores.stride(1)
@@ -794,7 +804,8 @@ def latent_decode_attention(
         cos_t.stride(0), cos_t.stride(1),
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
-        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None, HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
+        HAS_VALID=valid is not None, VALID_PADDED=pad_valid, HAS_BIAS=k_bias is not None,
+        HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],

@@ -1,9 +1,13 @@
-"""The STAR-KV cache: low-rank key/value latents per layer plus the positions of the cached tokens."""
+"""The STAR-KV cache: low-rank key/value latents per layer plus the positions (and RoPE tables) of the cached tokens."""
 
 from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
+
+from .latent_decode import rope_tables
+
+RopeArgs = tuple[torch.Tensor, float, torch.dtype]  # inv_freq, attention scaling, dtype of the decode kernel's tables
 
 
 class LatentLayer(DynamicLayer):
@@ -27,7 +31,8 @@ class StarKVCache(Cache):
     Cache of a STAR-KV model: a latent layer per compressed layer, a plain layer per layer kept full, and the
     positions (batch, tokens) of the cached tokens, stored once for all layers because keys are rebuilt and rotated
     at their own positions when they are read. Sliding-window layers keep only the window, as in transformers'
-    `DynamicCache`; positions are kept for as many tokens as the longest layer holds.
+    `DynamicCache`; positions are kept for as many tokens as the longest layer holds. For the decode kernel of a
+    16-bit model it also keeps the RoPE tables of those positions, so no step computes them for every cached token.
     """
 
     def __init__(self, config, **kwargs):
@@ -40,30 +45,39 @@ class StarKVCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(config.sliding_window) if sliding else DynamicLayer())
         super().__init__(layers=layers)
         self.positions: torch.Tensor | None = None
-        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, when kept
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin of `positions`, once kept
+        self.rope_args: RopeArgs | None = None
 
     def _held_tokens(self) -> int:
         """Tokens held by the longest layer (all of them unless every layer is a full sliding window)."""
         return max(layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers)
 
-    def update_positions(self, position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Appends the positions of new tokens (once per forward) and returns those of every held token."""
+    def update_positions(
+        self, position_ids: torch.Tensor, batch_size: int, rope_args: RopeArgs | None = None
+    ) -> torch.Tensor:
+        """
+        Appends the positions of new tokens (once per forward) and returns those of every held token. From the first
+        call with `rope_args` on, the cache also keeps the decode kernel's RoPE tables of every held token
+        (`rope_tables`: cos, sin, (batch, tokens, head_dim / 2)), each token's made once, as it is appended.
+        """
         new = position_ids.to(torch.int32).expand(batch_size, -1)
         self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=-1)
+        if self._keeps_rope_tables(rope_args):
+            if self.rope_tables is None or self.rope_tables[0].shape[1] + new.shape[1] != self.positions.shape[1]:
+                self.rope_tables = self._make_rope_tables(self.positions)
+            else:
+                new_tables = self._make_rope_tables(new)
+                self.rope_tables = tuple(torch.cat([t, n], dim=1) for t, n in zip(self.rope_tables, new_tables))
         return self.positions
 
-    def update_rope_tables(self, new_positions: torch.Tensor, make: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Appends the RoPE tables of new tokens, `make(new_positions)` (cos, sin: batch, tokens, head_dim / 2), after
-        `update_positions`, and returns those of every held token: each token's tables are computed once, not at
-        every decode step. Tables that do not cover the earlier tokens are made again from all positions.
-        """
-        held, new = self.positions.shape[1], new_positions.shape[1]
-        if self.rope_tables is None or self.rope_tables[0].shape[1] + new != held:
-            self.rope_tables = make(self.positions)
-        else:
-            self.rope_tables = tuple(torch.cat([t, n], dim=1) for t, n in zip(self.rope_tables, make(new_positions)))
-        return self.rope_tables
+    def _keeps_rope_tables(self, rope_args: RopeArgs | None) -> bool:
+        if self.rope_args is None:
+            self.rope_args = rope_args
+        return self.rope_args is not None
+
+    def _make_rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scaling, dtype = self.rope_args
+        return rope_tables(positions, inv_freq, scaling, dtype)
 
     def _per_token(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Applies `fn` to the positions and RoPE tables (batch and tokens their first two axes)."""
@@ -90,7 +104,7 @@ class StarKVCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.positions = self.rope_tables = None
+        self.positions = self.rope_tables = None  # (tables are kept again from the next tokens on)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -137,14 +151,20 @@ class StarKVStaticCache(StarKVCache):
         self._max_cache_len = max_cache_len
         self.positions: torch.Tensor | None = None
         self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rope_args: RopeArgs | None = None
         self.written: torch.Tensor | None = None  # tokens written so far, a 0-d tensor (no recompilation as it grows)
 
     @property
     def max_cache_len(self) -> int:  # a read-only property of `Cache` in some transformers versions
         return self._max_cache_len
 
-    def update_positions(self, position_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Writes the positions of new tokens into their slots and returns all `max_cache_len` slots."""
+    def update_positions(
+        self, position_ids: torch.Tensor, batch_size: int, rope_args: RopeArgs | None = None
+    ) -> torch.Tensor:
+        """
+        Writes the positions of new tokens into their slots and returns all `max_cache_len` slots; keeps the RoPE
+        tables as `StarKVCache.update_positions` does, written in place (made from every slot the first time).
+        """
         new = position_ids.to(torch.int32).expand(batch_size, -1)
         if self.positions is None:
             self.positions = torch.zeros(batch_size, self._max_cache_len, dtype=torch.int32, device=new.device)
@@ -152,32 +172,25 @@ class StarKVStaticCache(StarKVCache):
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self.positions)
                 torch._dynamo.mark_static_address(self.written)
-        self.positions.index_copy_(1, torch.arange(new.shape[1], device=new.device) + self.written, new)
+        slots = torch.arange(new.shape[1], device=new.device) + self.written
+        self.positions.index_copy_(1, slots, new)
         self.written.add_(new.shape[1])
+        if self._keeps_rope_tables(rope_args):
+            if self.rope_tables is None:  # every slot: those not written yet are masked until they are
+                self.rope_tables = self._make_rope_tables(self.positions)
+                if not torch.compiler.is_compiling():
+                    for table in self.rope_tables:
+                        torch._dynamo.mark_static_address(table)
+            else:
+                for table, values in zip(self.rope_tables, self._make_rope_tables(new)):
+                    table.index_copy_(1, slots, values)
         return self.positions
-
-    def update_rope_tables(self, new_positions: torch.Tensor, make: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Writes the RoPE tables of new tokens, `make(new_positions)`, into their slots and returns those of all
-        `max_cache_len` slots. The first call makes them from every slot (those not written yet are masked anyway).
-        """
-        if self.rope_tables is None:
-            self.rope_tables = make(self.positions)
-            if not torch.compiler.is_compiling():
-                for table in self.rope_tables:
-                    torch._dynamo.mark_static_address(table)
-            return self.rope_tables
-        new = new_positions.shape[1]
-        slots = torch.arange(new, device=new_positions.device) + self.written - new  # `written` counts them already
-        for table, values in zip(self.rope_tables, make(new_positions)):
-            table.index_copy_(1, slots, values)
-        return self.rope_tables
 
     def trim_positions(self) -> None:
         """Nothing to trim: the slots stay."""
 
     def reset(self) -> None:
-        """Empties the cache; the RoPE tables stay allocated (every slot is written again before it is read)."""
+        """Empties the cache; the RoPE tables stay allocated (every slot's are written again with its position)."""
         Cache.reset(self)
         if self.positions is not None:
             self.positions.zero_()

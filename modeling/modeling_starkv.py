@@ -31,7 +31,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .cache_starkv import StarKVCache, StarKVStaticCache
 from .configuration_starkv import StarKVConfig
-from .latent_decode import latent_decode_attention, rope_tables, use_decode_kernel
+from .latent_decode import latent_decode_attention, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
 from .latent_quant import LatentCodec
 from .latent_quantize import encode_latents
@@ -405,18 +405,14 @@ class StarKVModel(StarKVPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         key_position_embeddings, rope = position_embeddings, None
         if past_key_values is not None:
-            batch, dtype = inputs_embeds.shape[0], inputs_embeds.dtype
-            key_positions = past_key_values.update_positions(position_ids, batch)
+            dtype, kernel = inputs_embeds.dtype, use_decode_kernel(inputs_embeds.device)
+            inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
+            # a 16-bit model's kernel reads RoPE tables of the cached positions, kept by the cache from then on
+            rope_args = (inv_freq, scale, dtype) if kernel and dtype != torch.float32 else None
+            key_positions = past_key_values.update_positions(position_ids, inputs_embeds.shape[0], rope_args)
             # (a static cache's length is a tensor: no branch on it, or torch.compile breaks the graph here)
-            if use_decode_kernel(inputs_embeds.device):
-                inv_freq, scale = self.rotary_emb.inv_freq, float(self.rotary_emb.attention_scaling)
-                tables = None  # the kernel's cos/sin of the cached positions, kept by the cache (16-bit models)
-                if dtype != torch.float32:
-                    new_positions = position_ids.to(torch.int32).expand(batch, -1)
-                    tables = past_key_values.update_rope_tables(
-                        new_positions, lambda p: rope_tables(p, inv_freq, scale, dtype)
-                    )
-                rope = (inv_freq, scale, tables) if inputs_embeds.shape[1] == 1 else None
+            if kernel and inputs_embeds.shape[1] == 1:
+                rope = (inv_freq, scale, past_key_values.rope_tables if rope_args else None)
             if rope is None and key_positions.shape[1] != inputs_embeds.shape[1]:  # earlier tokens, or static slots
                 key_position_embeddings = self.rotary_emb(hidden_states, position_ids=key_positions)
 

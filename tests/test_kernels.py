@@ -1,5 +1,7 @@
 """The Triton decode kernel against its PyTorch reference (under TRITON_INTERPRET=1 on CPU, natively on a GPU)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -117,7 +119,10 @@ def test_kernel_matches_reference(poisoned, dtype, batch, tokens, kv_heads, grou
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, {"rope_table": True, "block_tokens": 32}])  # angle addition; tables
+@pytest.mark.parametrize(
+    "config",
+    [None, {"rope_table": True, "block_tokens": 32}, {"rope_table": True, "pad_valid": True}],
+)  # angle addition; tables; the validity flags padded to whole tiles
 def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     case = make_case(2, 90, 2, 2, 64, [20, 31], 50, pad=37, bias=True, norm=True, rope_scale=1.3, seed=3)
     check(case, dtype, config)
@@ -364,7 +369,7 @@ def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwarg
     model.to(DEVICE)
     monkeypatch.setenv("STARKV_DECODE_KERNEL", "triton")
     tokenizer.padding_side = "left"
-    prompts = ["Short", "A longer prompt that needs no padding, and is longer than a sliding window of eight"]
+    prompts = ["Short", "A longer prompt that needs no padding, and longer than the tiny mistral's sliding window"]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(DEVICE)
     caches = []
     prepare = model._prepare_cache_for_generation
@@ -378,7 +383,7 @@ def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwarg
     cache = caches[0]
     rotary = model.model.rotary_emb
     expected = kernels.rope_tables(cache.positions, rotary.inv_freq, rotary.attention_scaling, torch.float16)
-    assert cache.rope_tables is not None and cache.positions.shape[0] == len(prompts) * kwargs.get("num_beams", 1)
+    assert cache.rope_tables is not None and cache.positions.shape[0] == len(prompts)
     for kept, made in zip(cache.rope_tables, expected):
         assert torch.equal(kept, made)
 
@@ -395,11 +400,10 @@ def test_cache_operations_keep_rope_tables_with_positions(converted):
         return kernels.rope_tables(positions, inv_freq, 1.0, torch.float16)
 
     def append(positions):
-        cache.update_positions(positions, len(positions))
+        cache.update_positions(positions, len(positions), (inv_freq, 1.0, torch.float16))
         for i in range(config.num_hidden_layers):
             shape = (len(positions), positions.shape[1])
             cache.update_latents(torch.randn(*shape, sum(config.kv_k_ranks[i])), torch.randn(*shape, 4), i)
-        cache.update_rope_tables(positions.to(torch.int32), make)
 
     def check():
         for kept, made in zip(cache.rope_tables, make(cache.positions)):
@@ -417,3 +421,43 @@ def test_cache_operations_keep_rope_tables_with_positions(converted):
     cache.crop(-2)
     check()
     assert cache.rope_tables[0].shape[:2] == (4, 4)
+
+
+@pytest.mark.parametrize("family, static", [("llama3", True), ("mistral", False)])  # mistral: sliding window
+def test_rope_tables_follow_positions_written_off_the_kernel(monkeypatch, family, static, converted):
+    """
+    Positions the cache takes while the kernel is off (STARKV_DECODE_KERNEL=torch for some steps) or by hand still get
+    their RoPE tables: switching back to the kernel gives the logits of a run on the kernel throughout.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = converted(family, kv_ratio=0.5)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float16).eval()
+    caches = importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".cache_starkv")  # the checkpoint's
+    ids = torch.randint(1, 300, (2, 30), generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def run(kernel_off_steps: int) -> tuple[object, list[torch.Tensor]]:
+        cache = caches.StarKVStaticCache(model.config, 64) if static else caches.StarKVCache(model.config)
+        monkeypatch.setenv("STARKV_DECODE_KERNEL", "triton")
+        token = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        logits = []
+        for step in range(6):
+            monkeypatch.setenv("STARKV_DECODE_KERNEL", "torch" if step < kernel_off_steps else "triton")
+            logits.append(model(input_ids=token, past_key_values=cache).logits[:, -1].float())
+            token = logits[-1].argmax(-1, keepdim=True)
+        return cache, logits
+
+    _, on_kernel = run(0)
+    cache, switched = run(3)
+    for a, b in zip(on_kernel[3:], switched[3:]):
+        assert (a - b).abs().max() < 2e-2  # fp16 rounding; stale tables were off by > 0.3
+    rotary = model.model.rotary_emb
+
+    def check():
+        made = kernels.rope_tables(cache.positions, rotary.inv_freq, rotary.attention_scaling, torch.float16)
+        assert all(torch.equal(a, b) for a, b in zip(cache.rope_tables, made))
+
+    check()
+    cache.update_positions(torch.arange(36, 40)[None], 2)  # appended by hand, as benchmarks fill caches
+    check()

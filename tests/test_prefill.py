@@ -178,3 +178,40 @@ def test_compiled_static_generation_traces_whole_graphs(converted, tokenizer):
     assert 1 < graphs <= 4 < chunks  # first chunk, later chunks, the shorter last one, decode steps
     assert torch.equal(eager.sequences, compiled.sequences)
     torch._dynamo.reset()
+
+
+def test_compiled_static_generation_keeps_the_kernel_rope_tables(converted, tokenizer, monkeypatch):
+    """
+    The cache's RoPE-table bookkeeping for the decode kernel, compiled (prefill chunks and decode steps): no graph
+    break, and the kept tables are those of the cache's positions. The kernel itself, which dynamo cannot trace under
+    the Triton interpreter, is replaced by its PyTorch reference.
+    """
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    folder = converted("llama3", kv_ratio=0.5)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float16).eval()
+    modeling = sys.modules[type(model).__module__]
+    kernels = sys.modules[modeling.__name__.rsplit(".", 1)[0] + ".latent_decode"]
+    monkeypatch.setattr(modeling, "latent_decode_attention", lambda *a, **_: kernels.latent_decode_reference(*a))
+    monkeypatch.setenv("STARKV_DECODE_KERNEL", "triton")
+    caches = []
+    prepare = model._prepare_cache_for_generation
+
+    def recording(generation_config, model_kwargs, *args, **kwargs):
+        prepare(generation_config, model_kwargs, *args, **kwargs)
+        caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
+
+    model._prepare_cache_for_generation = recording
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    config = CompileConfig(backend="eager", mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    _generate(model, inputs, cache_implementation="static", prefill_chunk_size=5, compile_config=config)
+    assert not counters["graph_break"], list(counters["graph_break"])[:1]
+    cache, rotary = caches[0], model.model.rotary_emb
+    made = kernels.rope_tables(cache.positions, rotary.inv_freq, rotary.attention_scaling, torch.float16)
+    assert all(torch.equal(kept, expected) for kept, expected in zip(cache.rope_tables, made))
+    torch._dynamo.reset()
