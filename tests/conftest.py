@@ -21,6 +21,23 @@ from tiny_models import FAMILIES, make_base_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def record_caches() -> Callable[[torch.nn.Module], list]:
+    """Makes `model.generate()` append each cache it prepares to the list returned (to inspect it afterwards)."""
+
+    def record(model: torch.nn.Module) -> list:
+        caches, prepare = [], model._prepare_cache_for_generation
+
+        def recording(generation_config, model_kwargs, *args, **kwargs):
+            prepare(generation_config, model_kwargs, *args, **kwargs)
+            caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))  # (renamed in 5.24)
+
+        model._prepare_cache_for_generation = recording
+        return caches
+
+    return record
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A small real-text .txt file (the first lines of WikiText-2 test)."""
     lines = [line for line in SHARED_DATA.read_text().splitlines() if line.strip()][:160]

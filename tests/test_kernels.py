@@ -357,7 +357,7 @@ def test_kernel_switch(monkeypatch):
         ("mistral", dict(prefill_chunk_size=5)),  # sliding window: the cache trims its oldest tokens
     ],
 )
-def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwargs, converted, tokenizer):
+def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwargs, converted, tokenizer, record_caches):
     """
     A 16-bit model decoding through the kernel keeps the RoPE tables in the cache, each token's made once: after
     generate() they are the tables of the cache's positions, as if made from all of them at once.
@@ -371,14 +371,7 @@ def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwarg
     tokenizer.padding_side = "left"
     prompts = ["Short", "A longer prompt that needs no padding, and longer than the tiny mistral's sliding window"]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(DEVICE)
-    caches = []
-    prepare = model._prepare_cache_for_generation
-
-    def recording(generation_config, model_kwargs, *args, **more):
-        prepare(generation_config, model_kwargs, *args, **more)
-        caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
-
-    model._prepare_cache_for_generation = recording
+    caches = record_caches(model)
     model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, **kwargs)
     cache = caches[0]
     rotary = model.model.rotary_emb

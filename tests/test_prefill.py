@@ -56,21 +56,14 @@ def test_chunked_prefill_equals_one_shot(family, bits, converted, tokenizer):
 
 
 @pytest.mark.parametrize("family, bits", [("llama3", "16"), ("mistral", "16"), ("qwen2", "mixed")])
-def test_static_cache_equals_dynamic(family, bits, converted, tokenizer):
+def test_static_cache_equals_dynamic(family, bits, converted, tokenizer, record_caches):
     """cache_implementation="static": a preallocated latent cache gives the dynamic cache's tokens and logits."""
     folder = converted(family, kv_ratio=0.5, kv_bits=bits)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     tokenizer.padding_side = "left"
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     dynamic = _generate(model, inputs)
-    caches = []
-    prepare = model._prepare_cache_for_generation
-
-    def recording(generation_config, model_kwargs, *args, **kwargs):
-        prepare(generation_config, model_kwargs, *args, **kwargs)
-        caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
-
-    model._prepare_cache_for_generation = recording
+    caches = record_caches(model)
     static = _generate(model, inputs, cache_implementation="static")
     assert (
         type(caches[0]).__name__ == "StarKVStaticCache" and caches[0].max_cache_len >= inputs["input_ids"].shape[1] + 9
@@ -180,7 +173,7 @@ def test_compiled_static_generation_traces_whole_graphs(converted, tokenizer):
     torch._dynamo.reset()
 
 
-def test_compiled_static_generation_keeps_the_kernel_rope_tables(converted, tokenizer, monkeypatch):
+def test_compiled_static_generation_keeps_the_kernel_rope_tables(converted, tokenizer, monkeypatch, record_caches):
     """
     The cache's RoPE-table bookkeeping for the decode kernel, compiled (prefill chunks and decode steps): no graph
     break, and the kept tables are those of the cache's positions. The kernel itself, which dynamo cannot trace under
@@ -195,14 +188,7 @@ def test_compiled_static_generation_keeps_the_kernel_rope_tables(converted, toke
     kernels = sys.modules[modeling.__name__.rsplit(".", 1)[0] + ".latent_decode"]
     monkeypatch.setattr(modeling, "latent_decode_attention", lambda *a, **_: kernels.latent_decode_reference(*a))
     monkeypatch.setenv("STARKV_DECODE_KERNEL", "triton")
-    caches = []
-    prepare = model._prepare_cache_for_generation
-
-    def recording(generation_config, model_kwargs, *args, **kwargs):
-        prepare(generation_config, model_kwargs, *args, **kwargs)
-        caches.append(model_kwargs.get("past_key_values", model_kwargs.get("cache")))
-
-    model._prepare_cache_for_generation = recording
+    caches = record_caches(model)
     tokenizer.padding_side = "left"
     inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     config = CompileConfig(backend="eager", mode=None)
