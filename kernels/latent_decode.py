@@ -455,7 +455,7 @@ if triton is not None:
                 else:
                     flags = tl.load(VALID + b * stride_vb + t, mask=in_range, other=0)
                 keep = keep & (flags != 0)
-            if ROPE_TABLE:  # cos/sin of every cached position, computed once per call (16-bit, as transformers)
+            if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
                 sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
