@@ -350,6 +350,13 @@ def test_kernel_switch(monkeypatch):
         kernels.use_decode_kernel(torch.device("cpu"))
 
 
+def assert_tables_follow_positions(cache, inv_freq: torch.Tensor, scaling: float) -> None:
+    """The cache's kept fp16 RoPE tables are exactly those made at once from its positions."""
+    assert cache.rope_tables is not None
+    made = kernels.rope_tables(cache.positions, inv_freq, scaling, torch.float16)
+    assert all(torch.equal(kept, expected) for kept, expected in zip(cache.rope_tables, made))
+
+
 @pytest.mark.parametrize(
     "family, kwargs",
     [
@@ -373,12 +380,8 @@ def test_cache_keeps_the_rope_tables_of_its_positions(monkeypatch, family, kwarg
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(DEVICE)
     caches = record_caches(model)
     model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, **kwargs)
-    cache = caches[0]
-    rotary = model.model.rotary_emb
-    expected = kernels.rope_tables(cache.positions, rotary.inv_freq, rotary.attention_scaling, torch.float16)
-    assert cache.rope_tables is not None and cache.positions.shape[0] == len(prompts)
-    for kept, made in zip(cache.rope_tables, expected):
-        assert torch.equal(kept, made)
+    assert caches[0].positions.shape[0] == len(prompts)
+    assert_tables_follow_positions(caches[0], model.model.rotary_emb.inv_freq, model.model.rotary_emb.attention_scaling)
 
 
 def test_cache_operations_keep_rope_tables_with_positions(converted):
@@ -389,9 +392,6 @@ def test_cache_operations_keep_rope_tables_with_positions(converted):
     cache = import_remote("cache_starkv").StarKVCache(config)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
 
-    def make(positions):
-        return kernels.rope_tables(positions, inv_freq, 1.0, torch.float16)
-
     def append(positions):
         cache.update_positions(positions, len(positions), (inv_freq, 1.0, torch.float16))
         for i in range(config.num_hidden_layers):
@@ -399,8 +399,7 @@ def test_cache_operations_keep_rope_tables_with_positions(converted):
             cache.update_latents(torch.randn(*shape, sum(config.kv_k_ranks[i])), torch.randn(*shape, 4), i)
 
     def check():
-        for kept, made in zip(cache.rope_tables, make(cache.positions)):
-            assert torch.equal(kept, made)
+        assert_tables_follow_positions(cache, inv_freq, 1.0)
 
     append(torch.arange(5)[None] + torch.tensor([[0], [7], [100]]))  # a different position in every sequence
     append(torch.tensor([[5], [12], [105]]))
@@ -446,11 +445,6 @@ def test_rope_tables_follow_positions_written_off_the_kernel(monkeypatch, family
     for a, b in zip(on_kernel[3:], switched[3:]):
         assert (a - b).abs().max() < 2e-2  # fp16 rounding; stale tables were off by > 0.3
     rotary = model.model.rotary_emb
-
-    def check():
-        made = kernels.rope_tables(cache.positions, rotary.inv_freq, rotary.attention_scaling, torch.float16)
-        assert all(torch.equal(a, b) for a, b in zip(cache.rope_tables, made))
-
-    check()
+    assert_tables_follow_positions(cache, rotary.inv_freq, rotary.attention_scaling)
     cache.update_positions(torch.arange(36, 40)[None], 2)  # appended by hand, as benchmarks fill caches
-    check()
+    assert_tables_follow_positions(cache, rotary.inv_freq, rotary.attention_scaling)
