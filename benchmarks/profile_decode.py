@@ -50,7 +50,8 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 32": {"value_block": 32},
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
     "values dequantized per value": {"grouped_values": False},
-    "validity flags padded to whole tiles": {"pad_valid": True},  # (with --valid)
+    "scores buffer fp32": {"half_scores": False},
+    "scores buffer fp16": {"half_scores": True},
 }
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 

@@ -7,9 +7,10 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
 1. `_scores_kernel`, one program per (KV head, context split, sequence): rebuilds that head's keys from its latents
    with its up-projection on the tensor cores (+ bias, + Qwen3's k-norm), rotates them at their cached positions
    (RoPE from the model's cos/sin tables, else from `inv_freq`) and scores all G query heads of the head together:
-   one rebuild per KV head, never per query head. Scores go to a (B, Hq, T) fp32 buffer. The head's rank is covered
-   by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column at or before
-   the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
+   one rebuild per KV head, never per query head. Scores go to a (B, Hq, T) buffer: fp32, or fp16 for 16-bit GQA
+   inputs (half the bytes between the passes; the keys and queries they come from are already 16-bit). The head's
+   rank is covered by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column
+   at or before the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
@@ -25,7 +26,7 @@ the H100 for every shape (benchmarks/README.md; it is in the history at commit 4
 RoPE without tables: the angles of consecutive positions are built by angle addition from one exactly reduced angle
 per tile (cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a
 tile whose positions are not consecutive, and every fp32 call, takes the exact path (each angle reduced and
-evaluated). The scores buffer adds 8 bytes per token and query head to the bytes read.
+evaluated). The scores buffer adds 8 bytes per token and query head to the bytes read (4 where it is fp16).
 """
 
 import os
@@ -389,10 +390,12 @@ if triton is not None:
         )  # fmt: skip
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite
+            scores = tl.clamp(scores, -65000.0, 65000.0)
         scores = tl.where(keep[:, None], scores, float("-inf"))
         tl.store(
             S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
-            scores,
+            scores.to(S.dtype.element_ty),
             mask=stored[:, None] & (g[None, :] < G),
         )
 
@@ -404,7 +407,7 @@ if triton is not None:
         stride_cb, stride_ct,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
-        HPP: tl.constexpr, HAS_VALID: tl.constexpr, VALID_PADDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
@@ -450,11 +453,7 @@ if triton is not None:
             stored = t < TP
             keep = in_range
             if HAS_VALID:
-                if VALID_PADDED:  # whole tiles of flags (0 beyond the context): aligned rows, a mask constant over 16
-                    flags = tl.load(VALID + b * stride_vb + t, mask=stored, other=0)
-                else:
-                    flags = tl.load(VALID + b * stride_vb + t, mask=in_range, other=0)
-                keep = keep & (flags != 0)
+                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
@@ -507,7 +506,7 @@ if triton is not None:
         in_range = t < T
         mask = head_ok[:, None] & (t < TP)[None, :]
         s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st, mask=mask, other=float("-inf"))
-        return t, in_range, s
+        return t, in_range, s.to(tl.float32)
 
     @triton.jit
     def _softmax_step(s, m_i, l_i):
@@ -622,13 +621,13 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
-    "pad_valid": False,  # validity flags copied into whole tiles (aligned rows, vectorizable loads)
+    "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs: auto = where G >= 2 (measured faster for GQA)
 }
 
 
-def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
-    """Scratch buffers of the kernels (fp32); tests replace this to poison them."""
-    return torch.empty(*shape, dtype=torch.float32, device=device)
+def _alloc(*shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Scratch buffers of the kernels; tests replace this to poison them."""
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _next_pow2(n: int, minimum: int = 16) -> int:
@@ -783,15 +782,13 @@ def latent_decode_attention(
     if cfg["scores_splits"]:
         per_split = -(-tiles // cfg["scores_splits"])
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
-    pad_valid = valid is not None and bool(cfg["pad_valid"])
-    if pad_valid:  # the validity flags too (not measured yet whether it pays)
-        valid_arg = torch.zeros(batch, padded, dtype=torch.int8, device=device)
-        valid_arg[:, :tokens] = valid
+    half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2
+    scores_dtype = torch.float16 if half and not exact else torch.float32
     if cfg["token_major_scores"]:
-        scores = _alloc(batch, padded, num_heads, device=device)
+        scores = _alloc(batch, padded, num_heads, device=device, dtype=scores_dtype)
         stride_sh, stride_st = scores.stride(2), scores.stride(1)
     else:
-        scores = _alloc(batch, num_heads, padded, device=device)
+        scores = _alloc(batch, num_heads, padded, device=device, dtype=scores_dtype)
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
     if not use_table:
         cos_t = sin_t = scores
@@ -804,7 +801,7 @@ def latent_decode_attention(
         cos_t.stride(0), cos_t.stride(1),
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
-        HAS_VALID=valid is not None, VALID_PADDED=pad_valid, HAS_BIAS=k_bias is not None,
+        HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0,

@@ -87,7 +87,11 @@ def cast(case, dtype):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every scratch buffer starts as NaN, so an element the kernels forget to write shows up."""
-    monkeypatch.setattr(kernels, "_alloc", lambda *shape, device: torch.full(shape, float("nan"), device=device))
+    monkeypatch.setattr(
+        kernels,
+        "_alloc",
+        lambda *shape, device, dtype=torch.float32: torch.full(shape, float("nan"), dtype=dtype, device=device),
+    )
 
 
 def check(case, dtype, config=None):
@@ -121,8 +125,8 @@ def test_kernel_matches_reference(poisoned, dtype, batch, tokens, kv_heads, grou
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "config",
-    [None, {"rope_table": True, "block_tokens": 32}, {"rope_table": True, "pad_valid": True}],
-)  # angle addition; tables; the validity flags padded to whole tiles
+    [None, {"rope_table": True, "block_tokens": 32}, {"rope_table": True, "half_scores": False}],
+)  # angle addition; tables; tables with an fp32 scores buffer (fp16 inputs: fp16 by default, as G = 2)
 def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     case = make_case(2, 90, 2, 2, 64, [20, 31], 50, pad=37, bias=True, norm=True, rope_scale=1.3, seed=3)
     check(case, dtype, config)
@@ -203,6 +207,43 @@ def test_many_splits(poisoned, dtype):
 def test_wide_value_rank(poisoned, dtype):
     """From value rank 1024 the values pass and the merge take blocks of 128 columns (MHA 7B keeps 2048)."""
     check(make_case(1, 70, 2, 2, 64, [9, 30], 1030, seed=11), dtype)
+
+
+def test_scores_buffer_is_half_for_16_bit_gqa(monkeypatch):
+    """The scores buffer (the first scratch buffer) is fp16 for 16-bit inputs with G >= 2, else fp32."""
+    made = []
+
+    def alloc(*shape, device, dtype=torch.float32):
+        made.append(dtype)
+        return torch.empty(*shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "_alloc", alloc)
+    for groups, dtype, config, expected in [
+        (2, torch.float16, None, torch.float16),
+        (1, torch.float16, None, torch.float32),  # MHA: measured slower with fp16 scores at batch 16
+        (2, torch.float32, None, torch.float32),
+        (2, torch.float16, {"half_scores": False}, torch.float32),
+    ]:
+        made.clear()
+        kernels.latent_decode_attention(**cast(make_case(1, 20, 2, groups, 64, [9, 30], 40), dtype), config=config)
+        assert made[0] == expected, (groups, dtype, config)
+
+
+def test_scores_past_the_half_range_saturate(poisoned):
+    """
+    One token scoring past fp16's range (66,000) with fp16 inputs: the fp16 scores buffer holds it at its finite limit,
+    so the softmax stays one-hot on that token (no inf - inf = NaN) and the output is the reference's.
+    """
+    case = make_case(1, 70, 2, 2, 64, [9, 30], 40, seed=13)
+    cos, sin = kernels.rope_cos_sin(case["positions"], case["inv_freq"], 1.0, torch.float64)
+    keys = kernels.rebuild_keys(case["key_latents"], case["k_up_weight"], case["k_ranks"], None, None)
+    keys = kernels.apply_rope(keys, cos[:, None], sin[:, None])[0]  # (kv_heads, tokens, head_dim)
+    target = keys[:, 41].repeat_interleave(2, dim=0)  # each query head along its KV head's key of token 41
+    case["query"] = (target * 66_000 / case["scaling"] / (target * target).sum(-1, keepdim=True))[None]
+    scores = torch.einsum("hd,htd->ht", case["query"][0], keys.repeat_interleave(2, dim=0)) * case["scaling"]
+    assert scores[:, 41].min() > 65_504 and scores.abs().max() == scores[:, 41].max()
+    assert (scores[:, 41:42] - scores).topk(2, dim=1, largest=False).values[:, 1].min() > 1000  # one-hot softmax
+    check(case, torch.float16)
 
 
 QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
