@@ -391,7 +391,7 @@ if triton is not None:
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
         if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite
-            scores = tl.clamp(scores, -65000.0, 65000.0)
+            scores = tl.minimum(tl.maximum(scores, -65000.0), 65000.0)  # (tl.clamp fails under torch.compile)
         scores = tl.where(keep[:, None], scores, float("-inf"))
         tl.store(
             S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
