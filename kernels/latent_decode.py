@@ -8,7 +8,7 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    with its up-projection on the tensor cores (+ bias, + Qwen3's k-norm), rotates them at their cached positions
    (RoPE from the model's cos/sin tables, else from `inv_freq`) and scores all G query heads of the head together:
    one rebuild per KV head, never per query head. Scores go to a (B, Hq, T) buffer: fp32, or fp16 for 16-bit GQA
-   inputs outside torch.compile (half the bytes between the passes; the keys and queries are 16-bit already). The head's
+   inputs (half the bytes between the passes; the keys and queries they come from are 16-bit already). The head's
    rank is covered by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column
    at or before the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
@@ -417,7 +417,7 @@ if triton is not None:
         the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
-        # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 with an fp16 scores buffer)
+        # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
         scaling, rope_scale = tl.cast(scaling, tl.float32), tl.cast(rope_scale, tl.float32)
         eps = tl.cast(eps, tl.float32)
         head0 = tl.program_id(0) * HPP
@@ -625,8 +625,7 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
-    "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs; auto: G >= 2 and not under torch.compile, where
-    # it measured faster (H100, eager: GQA 5%, MHA mixed; compiled by inductor the scores pass took 1.07 ms, not 0.69)
+    "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs; auto: where G >= 2 (H100: GQA 1-6% faster)
 }
 
 
@@ -787,7 +786,7 @@ def latent_decode_attention(
     if cfg["scores_splits"]:
         per_split = -(-tiles // cfg["scores_splits"])
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
-    half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2 and not torch.compiler.is_compiling()
+    half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2
     scores_dtype = torch.float16 if half and not exact else torch.float32
     if cfg["token_major_scores"]:
         scores = _alloc(batch, padded, num_heads, device=device, dtype=scores_dtype)
