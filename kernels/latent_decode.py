@@ -613,6 +613,7 @@ DEFAULT_CONFIG = {
     "values_splits": 0,  # the same for the values pass
     "scores_fewer_splits": (2, 16),  # but down to 2 programs per SM while splits would get fewer than 16 tiles each
     # (each program loads its head's up-projection once: at batch 1 that prologue outweighs a few tiles)
+    "values_fewer_splits": (2, 16),  # the same for the values pass (batch 1: fewer partial results to merge)
     "scores_warps": 4,
     "scores_stages": 1,  # with angle addition
     "scores_stages_tables": 3,  # with RoPE tables (measured best on the H100 for each: 3 beats 2 by 8-24%)
@@ -821,7 +822,9 @@ def latent_decode_attention(
     else:
         groups_per_program = 0
         value_programs = triton.cdiv(v_rank, value_block)
-    v_splits, v_per_split = _splits(tiles, batch * value_programs, device, cfg["values_programs_per_sm"])
+    v_splits, v_per_split = _splits(
+        tiles, batch * value_programs, device, cfg["values_programs_per_sm"], *cfg["values_fewer_splits"]
+    )
     if cfg["values_splits"]:
         v_per_split = -(-tiles // cfg["values_splits"])
         v_splits = -(-tiles // v_per_split)

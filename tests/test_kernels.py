@@ -197,7 +197,7 @@ def test_every_kernel_path(poisoned, dtype, path, groups, k_ranks, v_rank, extra
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_splits(poisoned, dtype):
     """More context splits than the merge combines in one step (16), with left padding that empties whole splits."""
-    config = {"block_tokens": 16, "values_programs_per_sm": 64}
+    config = {"block_tokens": 16, "values_programs_per_sm": 64, "values_fewer_splits": (0, 1)}
     splits, _ = kernels._splits(-(-700 // 16), 2 * 3, torch.device(DEVICE), 64)  # 3 value blocks of 32 columns
     assert splits > 16 or DEVICE == "cuda"
     check(make_case(2, 700, 2, 3, 64, [9, 30], 70, pad=300, seed=12), dtype, config)
