@@ -390,8 +390,10 @@ if triton is not None:
         )  # fmt: skip
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
-        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite
-            scores = tl.minimum(tl.maximum(scores, -65000.0), 65000.0)  # (tl.clamp fails under torch.compile)
+        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
+            # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
+            # a single token is past the range: the softmax is one-hot on it either way)
+            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
         scores = tl.where(keep[:, None], scores, float("-inf"))
         tl.store(
             S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
@@ -626,7 +628,7 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
-    "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs; auto: where G >= 2 (H100: GQA 1-6% faster)
+    "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
 

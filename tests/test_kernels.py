@@ -146,9 +146,13 @@ def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
         {"token_major_scores": True, "heads_per_program": 2, "block_tokens": 32},
     ],
 )
-def test_forced_splits_and_other_layouts(poisoned, config):
-    """Splits set by hand and the other scores layouts: every padded score written before it is read (NaN poison)."""
-    check(make_case(2, 101, 2, 2, 64, [20, 31], 50, pad=9, seed=5), torch.float32, config)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forced_splits_and_other_layouts(poisoned, config, dtype):
+    """
+    Splits set by hand and the other scores layouts (fp32 and, for 16-bit inputs, fp16 scores buffers): every padded
+    score written before it is read (NaN poison).
+    """
+    check(make_case(2, 101, 2, 2, 64, [20, 31], 50, pad=9, seed=5), dtype, config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,6 +227,7 @@ def test_scores_buffer_is_half_for_16_bit_gqa(monkeypatch):
         (1, torch.float16, None, torch.float32),  # MHA: measured slower with fp16 scores at batch 16
         (2, torch.float32, None, torch.float32),
         (2, torch.float16, {"half_scores": False}, torch.float32),
+        *([(2, torch.bfloat16, None, torch.float16)] if DEVICE == "cuda" else []),  # fp16, not bf16: finer steps
     ]:
         made.clear()
         kernels.latent_decode_attention(**cast(make_case(1, 20, 2, groups, 64, [9, 30], 40), dtype), config=config)
@@ -244,6 +249,26 @@ def test_scores_past_the_half_range_saturate(poisoned):
     assert scores[:, 41].min() > 65_504 and scores.abs().max() == scores[:, 41].max()
     assert (scores[:, 41:42] - scores).topk(2, dim=1, largest=False).values[:, 1].min() > 1000  # one-hot softmax
     check(case, torch.float16)
+
+
+def test_scores_below_the_half_range_saturate(poisoned):
+    """A one-token context scoring -66,000: saturated, not -inf, so the softmax still gives that token weight 1."""
+    case = make_case(1, 1, 1, 2, 64, [30], 40, seed=14)
+    cos, sin = kernels.rope_cos_sin(case["positions"], case["inv_freq"], 1.0, torch.float64)
+    keys = kernels.rebuild_keys(case["key_latents"], case["k_up_weight"], case["k_ranks"], None, None)
+    key = kernels.apply_rope(keys, cos[:, None], sin[:, None])[0, :, 0].expand(2, -1)  # (query heads, head_dim)
+    case["query"] = (key * -66_000 / case["scaling"] / (key * key).sum(-1, keepdim=True))[None]
+    check(case, torch.float16)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_nan_in_the_cache_shows_in_the_output(half):
+    """A NaN key latent makes the output NaN, as in the reference: the fp16 scores buffer must not hide it."""
+    case = make_case(1, 70, 2, 2, 64, [9, 30], 40, seed=13)
+    case["key_latents"][0, 41] = float("nan")
+    assert torch.isnan(kernels.latent_decode_reference(**cast(case, torch.float64))).any()
+    got = kernels.latent_decode_attention(**cast(case, torch.float16), config={"half_scores": half})
+    assert torch.isnan(got).any()
 
 
 QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
