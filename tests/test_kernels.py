@@ -234,15 +234,20 @@ def test_scores_buffer_is_half_for_16_bit_gqa(monkeypatch):
         assert made[0] == expected, (groups, dtype, config)
 
 
+def rotated_keys(case) -> torch.Tensor:
+    """The case's keys as the reference rebuilds and rotates them: (batch, kv_heads, tokens, head_dim), float64."""
+    cos, sin = kernels.rope_cos_sin(case["positions"], case["inv_freq"], 1.0, torch.float64)
+    keys = kernels.rebuild_keys(case["key_latents"], case["k_up_weight"], case["k_ranks"], None, None)
+    return kernels.apply_rope(keys, cos[:, None], sin[:, None])
+
+
 def test_scores_past_the_half_range_saturate(poisoned):
     """
     One token scoring past fp16's range (66,000) with fp16 inputs: the fp16 scores buffer holds it at its finite limit,
     so the softmax stays one-hot on that token (no inf - inf = NaN) and the output is the reference's.
     """
     case = make_case(1, 70, 2, 2, 64, [9, 30], 40, seed=13)
-    cos, sin = kernels.rope_cos_sin(case["positions"], case["inv_freq"], 1.0, torch.float64)
-    keys = kernels.rebuild_keys(case["key_latents"], case["k_up_weight"], case["k_ranks"], None, None)
-    keys = kernels.apply_rope(keys, cos[:, None], sin[:, None])[0]  # (kv_heads, tokens, head_dim)
+    keys = rotated_keys(case)[0]  # (kv_heads, tokens, head_dim)
     target = keys[:, 41].repeat_interleave(2, dim=0)  # each query head along its KV head's key of token 41
     case["query"] = (target * 66_000 / case["scaling"] / (target * target).sum(-1, keepdim=True))[None]
     scores = torch.einsum("hd,htd->ht", case["query"][0], keys.repeat_interleave(2, dim=0)) * case["scaling"]
@@ -254,9 +259,7 @@ def test_scores_past_the_half_range_saturate(poisoned):
 def test_scores_below_the_half_range_saturate(poisoned):
     """A one-token context scoring -66,000: saturated, not -inf, so the softmax still gives that token weight 1."""
     case = make_case(1, 1, 1, 2, 64, [30], 40, seed=14)
-    cos, sin = kernels.rope_cos_sin(case["positions"], case["inv_freq"], 1.0, torch.float64)
-    keys = kernels.rebuild_keys(case["key_latents"], case["k_up_weight"], case["k_ranks"], None, None)
-    key = kernels.apply_rope(keys, cos[:, None], sin[:, None])[0, :, 0].expand(2, -1)  # (query heads, head_dim)
+    key = rotated_keys(case)[0, :, 0].expand(2, -1)  # (query heads, head_dim)
     case["query"] = (key * -66_000 / case["scaling"] / (key * key).sum(-1, keepdim=True))[None]
     check(case, torch.float16)
 
