@@ -26,6 +26,9 @@ def profile(query, inputs, tables, config) -> dict[str, float]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    if "rope_table" in config and config["rope_table"] is None:  # no tables: RoPE by angle addition
+        tables, config = None, {k: v for k, v in config.items() if k != "rope_table"}
+
     for _ in range(3):
         kernels.latent_decode_attention(query, **inputs, config=config, tables=tables)
     torch.cuda.synchronize()
@@ -52,6 +55,11 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values dequantized per value": {"grouped_values": False},
     "scores buffer fp32": {"half_scores": False},
     "scores buffer fp16": {"half_scores": True},
+    "scores 2 KV heads a program": {"heads_per_program": 2},
+    "scores 4 KV heads a program": {"heads_per_program": 4},
+    "no RoPE tables (angle addition)": {"rope_table": None},
+    "tiles of 32 tokens": {"block_tokens": 32},
+    "tiles of 128 tokens": {"block_tokens": 128},
 }
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 

@@ -129,26 +129,21 @@ if triton is not None:
         return tl.cos(angle), tl.sin(angle)
 
     @triton.jit
-    def _dequantized(ROWS, row, tok_ok, c, rank, n8, GROUP: tl.constexpr, DTYPE: tl.constexpr):
+    def _dequantized(ROWS, row, tok_ok, c, rank, codec, GROUP: tl.constexpr, DTYPE: tl.constexpr):
         """
-        Columns `c` of a block's latents for a tile of tokens, from the codec's uint8 rows (`row`: the byte offset of
-        each token's block): int8 codes of the leading n8 channels, then int4 codes two per byte (low nibble first),
-        then the fp16 scales of the 8-bit groups and of the 4-bit groups. Same result as `dequantize_latents`.
+        Columns `c` of a block's latents for a tile of tokens, from the codec's uint8 rows (`row`: each token's first
+        byte; `codec`: the block's n8, code byte, scale byte, code bytes), per value: its code byte (int8, or a nibble
+        of the int4 codes, low nibble first) and its fp16 scale. Same result as `LatentCodec.decode`.
         """
-        n4 = rank - n8
-        scales8 = n8 + (n4 + 1) // 2
-        scales4 = scales8 + 2 * ((n8 + GROUP - 1) // GROUP)
+        n8, boff, soff = codec[0], codec[1], codec[2]
+        groups8 = (n8 + GROUP - 1) // GROUP
         is8 = c < n8
         j = tl.where(is8, 0, c - n8)
         ok = tok_ok[:, None] & (c < rank)[None, :]
-        raw = tl.load(ROWS + row[:, None] + tl.where(is8, c, n8 + j // 2)[None, :], mask=ok, other=0)
+        raw = tl.load(ROWS + row[:, None] + boff + tl.where(is8, c, n8 + j // 2)[None, :], mask=ok, other=0)
         code8 = raw.to(tl.int8, bitcast=True).to(tl.float32)
         code4 = ((raw.to(tl.int32) >> (4 * (j % 2))[None, :]) & 15).to(tl.float32) - 8.0
-        at = row[:, None] + tl.where(is8, scales8 + 2 * (c // GROUP), scales4 + 2 * (j // GROUP))[None, :]
-        bits = tl.load(ROWS + at, mask=ok, other=0).to(tl.uint16) | (
-            tl.load(ROWS + at + 1, mask=ok, other=0).to(tl.uint16) << 8
-        )
-        scale = bits.to(tl.float16, bitcast=True).to(tl.float32)
+        scale = _fp16_at(ROWS, row[:, None] + soff + 2 * tl.where(is8, c // GROUP, groups8 + j // GROUP)[None, :], ok)
         return (tl.where(is8[None, :], code8, code4) * scale).to(DTYPE)
 
     @triton.jit
@@ -173,55 +168,79 @@ if triton is not None:
         )
 
     @triton.jit
-    def _codes(raw, raw_odd, is8):
-        """The integer codes of even and odd channels: 8-bit from one byte each, 4-bit from the nibbles of `raw`."""
-        nibbles = raw.to(tl.int32)
-        even = tl.where(is8, raw.to(tl.int8, bitcast=True).to(tl.int32), (nibbles & 15) - 8)
-        return even, tl.where(is8, raw_odd.to(tl.int8, bitcast=True).to(tl.int32), (nibbles >> 4) - 8)
+    def _group_codes(
+        ROWS, at, tok_ok, groups, n8, size,
+        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """
+        The integer codes of scale groups `groups` of a block for a tile of tokens, even and odd channels, read as
+        whole bytes: an 8-bit group's 2 HG bytes, or a 4-bit group's HG bytes (channel pairs in the low and high
+        nibbles). Keys pass one group (a scalar; `at`, each token's first code byte of the block, and `tok_ok` as
+        (BT, 1)) and get (BT, HG) codes; the values pass NG groups as (NG, 1), `at` and `tok_ok` as (BT, 1, 1), and
+        gets (BT, NG, HG). `at`, n8 and `size` (the block's code bytes, padded) are multiples of ALIGN. Bytes past
+        `size` read as 0; channels past a group's end come out as arbitrary codes (whatever multiplies them must be
+        zero there). HAS8 / HAS4: whether the block has 8-bit / 4-bit groups at all.
+        """
+        groups8 = (n8 + 2 * HG - 1) // (2 * HG)
+        is8 = groups < groups8
+        if HAS8:
+            b8 = groups * 2 * HG + tl.arange(0, 2 * HG)  # the group's bytes
+            raw8 = tl.load(ROWS + at + b8, mask=tok_ok & (b8 < tl.where(is8, size, 0)), other=0)
+            if len(raw8.shape) == 2:
+                pairs = tl.reshape(raw8, [raw8.shape[0], HG, 2])
+            else:
+                pairs = tl.reshape(raw8, [raw8.shape[0], raw8.shape[1], HG, 2])
+            even8, odd8 = tl.split(pairs)
+            even, odd = even8.to(tl.int8, bitcast=True).to(tl.int32), odd8.to(tl.int8, bitcast=True).to(tl.int32)
+        if HAS4:
+            b4 = n8 + (groups - groups8) * HG + tl.arange(0, HG)
+            raw4 = tl.load(ROWS + at + b4, mask=tok_ok & (b4 < tl.where(is8, 0, size)), other=0).to(tl.int32)
+            if HAS8:
+                even, odd = tl.where(is8, even, (raw4 & 15) - 8), tl.where(is8, odd, (raw4 >> 4) - 8)
+            else:
+                even, odd = (raw4 & 15) - 8, (raw4 >> 4) - 8
+        return even, odd
 
     @triton.jit
-    def _slot_latents(ROWS, row, tok_ok, s, rank, n8, HG: tl.constexpr, DTYPE: tl.constexpr):
+    def _slot_latents(
+        ROWS, row, tok_ok, s, rank, codec,
+        HG: tl.constexpr, DTYPE: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
         """
-        Scale group `s` of a block's latents for a tile of tokens, even and odd channels (BT, HG) each, dequantized
-        from whole code bytes and one scale per token. Channels past the group's end come out as arbitrary finite
-        values (whatever multiplies them must be zero there).
+        Scale group `s` of a block's latents for a tile of tokens (`row`: each token's first byte), even and odd
+        channels (BT, HG) each, dequantized from whole code bytes and one scale per token. Channels past the group's
+        end come out as arbitrary finite values (whatever multiplies them must be zero there).
         """
-        is8, base, end = _slot(s, rank, n8, HG)
-        scales8 = n8 + (rank - n8 + 1) // 2
-        c = base + 2 * tl.arange(0, HG)
-        at = row[:, None] + tl.where(is8, c, n8 + (c - n8) // 2)[None, :]
-        end8 = tl.where(is8, end, 0)  # (masks from vectors only: the interpreter cannot combine them with scalars)
-        raw = tl.load(ROWS + at, mask=tok_ok[:, None] & (c < end)[None, :], other=0)
-        raw_odd = tl.load(ROWS + at + 1, mask=tok_ok[:, None] & (c + 1 < end8)[None, :], other=0)
-        even, odd = _codes(raw, raw_odd, is8)
-        scale = _fp16_at(ROWS, row + scales8 + 2 * s, tok_ok & (row * 0 + base < end))[:, None]
+        n8, boff, soff, size = codec
+        at = tl.multiple_of(row + boff, ALIGN)[:, None]
+        even, odd = _group_codes(ROWS, at, tok_ok[:, None], s, n8, size, HG, HAS8, HAS4, ALIGN)
+        _, base, end = _slot(s, rank, n8, HG)
+        scale = _fp16_at(ROWS, row + soff + 2 * s, tok_ok & (row * 0 + base < end))[:, None]
         return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
 
     @triton.jit
-    def _group_latents(ROWS, row, tok_ok, first, rank, n8, NG: tl.constexpr, HG: tl.constexpr, DTYPE: tl.constexpr):
+    def _group_latents(
+        ROWS, row, tok_ok, first, rank, n8, soff, size,
+        NG: tl.constexpr, HG: tl.constexpr, DTYPE: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ):  # fmt: skip
         """
-        `_slot_latents` of NG groups at once, first .. first + NG - 1: even and odd channels (BT, NG, HG) each.
-        (One group in two dimensions compiles to faster code for the keys; this is for the values pass.)
+        `_slot_latents` of NG groups at once, first .. first + NG - 1, of a block whose codes start each row: even and
+        odd channels (BT, NG, HG) each. (One group in two dimensions compiles to faster code for the keys; this is
+        for the values pass.)
         """
         groups = first + tl.arange(0, NG)
-        is8, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
-        scales8 = n8 + (rank - n8 + 1) // 2
-        c = base[:, None] + 2 * tl.arange(0, HG)[None, :]  # (NG, HG): the even channels
-        at = row[:, None, None] + tl.where(is8[:, None], c, n8 + (c - n8) // 2)[None]
-        ok = tok_ok[:, None, None] & (c < end[:, None])[None]
-        raw = tl.load(ROWS + at, mask=ok, other=0)
-        raw_odd = tl.load(ROWS + at + 1, mask=ok & (is8[:, None] & (c + 1 < end[:, None]))[None], other=0)
-        even, odd = _codes(raw, raw_odd, is8[None, :, None])
-        scale = _fp16_at(ROWS, row[:, None] + scales8 + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
+        at = tl.multiple_of(row, ALIGN)[:, None, None]
+        even, odd = _group_codes(ROWS, at, tok_ok[:, None, None], groups[:, None], n8, size, HG, HAS8, HAS4, ALIGN)
+        _, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
+        scale = _fp16_at(ROWS, row[:, None] + soff + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
         scale = scale[:, :, None]
         return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
 
     @triton.jit
     def _fp16_at(ROWS, at, ok):
-        """fp16 values stored as two bytes (any alignment) at byte offsets `at`, as fp32."""
-        low = tl.load(ROWS + at, mask=ok, other=0).to(tl.uint16)
-        high = tl.load(ROWS + at + 1, mask=ok, other=0).to(tl.uint16)
-        return (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+        """fp16 values at even byte offsets `at` of the rows, as fp32."""
+        return tl.load((ROWS + at).to(tl.pointer_type(tl.float16)), mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
     def _head_weights(
@@ -259,9 +278,12 @@ if triton is not None:
         return start, limit, w1_lo, w1_hi, w2_lo, w2_hi
 
     @triton.jit
-    def _slot_dot(ROWS, row, tok_ok, s, rank, n8, we_lo, we_hi, wo_lo, wo_hi, k_lo, k_hi, PRECISION: tl.constexpr):
+    def _slot_dot(
+        ROWS, row, tok_ok, s, rank, codec, we_lo, we_hi, wo_lo, wo_hi, k_lo, k_hi,
+        PRECISION: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
         """Adds scale group `s`'s share of a head's keys: its dequantized latents times its up-projection rows."""
-        even, odd = _slot_latents(ROWS, row, tok_ok, s, rank, n8, we_lo.shape[0], we_lo.dtype)
+        even, odd = _slot_latents(ROWS, row, tok_ok, s, rank, codec, we_lo.shape[0], we_lo.dtype, HAS8, HAS4, ALIGN)
         k_lo = tl.dot(even, we_lo, k_lo, input_precision=PRECISION)
         k_hi = tl.dot(even, we_hi, k_hi, input_precision=PRECISION)
         k_lo = tl.dot(odd, wo_lo, k_lo, input_precision=PRECISION)
@@ -269,29 +291,30 @@ if triton is not None:
 
     @triton.jit
     def _head_keys(
-        ZK, zrow, tok_ok, start, limit, wts, n8, boff,
+        ZK, zrow, tok_ok, start, limit, wts, codec,
         R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
-        SLOTS: tl.constexpr,
+        SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores).
-        QUANT: the latents are dequantized from the head's codes and scales at byte `boff` of each token's row: per
-        scale group when SLOTS > 0 (`wts` then holds each group's even and odd up-projection rows), else per value.
+        QUANT: the latents are dequantized from the head's codes and scales in each token's row (`codec`: the head's
+        n8, code byte, scale byte and code bytes): per scale group when SLOTS > 0 (`wts` then holds each group's even
+        and odd up-projection rows), else per value.
         """
         if SLOTS > 0:
-            row = zrow + boff
             k_lo = tl.zeros([zrow.shape[0], wts[0].shape[1]], tl.float32)
-            k_lo, k_hi = _slot_dot(ZK, row, tok_ok, 0, limit, n8, wts[0], wts[1], wts[2], wts[3], k_lo, k_lo, PRECISION)
+            k_lo, k_hi = _slot_dot(ZK, zrow, tok_ok, 0, limit, codec, wts[0], wts[1], wts[2], wts[3], k_lo, k_lo,
+                                   PRECISION, HAS8, HAS4, ALIGN)  # fmt: skip
             if SLOTS > 1:
-                k_lo, k_hi = _slot_dot(ZK, row, tok_ok, 1, limit, n8, wts[4], wts[5], wts[6], wts[7], k_lo, k_hi,
-                                       PRECISION)  # fmt: skip
+                k_lo, k_hi = _slot_dot(ZK, zrow, tok_ok, 1, limit, codec, wts[4], wts[5], wts[6], wts[7], k_lo, k_hi,
+                                       PRECISION, HAS8, HAS4, ALIGN)  # fmt: skip
             if SLOTS > 2:
-                k_lo, k_hi = _slot_dot(ZK, row, tok_ok, 2, limit, n8, wts[8], wts[9], wts[10], wts[11], k_lo, k_hi,
-                                       PRECISION)  # fmt: skip
+                k_lo, k_hi = _slot_dot(ZK, zrow, tok_ok, 2, limit, codec, wts[8], wts[9], wts[10], wts[11], k_lo,
+                                       k_hi, PRECISION, HAS8, HAS4, ALIGN)  # fmt: skip
         else:
             c = tl.arange(0, R1)
             if QUANT:
-                z = _dequantized(ZK, zrow + boff, tok_ok, c, limit, n8, GROUP, wts[0].dtype)
+                z = _dequantized(ZK, zrow, tok_ok, c, limit, codec, GROUP, wts[0].dtype)
             else:
                 z = tl.load(
                     ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
@@ -301,7 +324,7 @@ if triton is not None:
             if R2 > 0:
                 c2 = R1 + tl.arange(0, R2)
                 if QUANT:
-                    z2 = _dequantized(ZK, zrow + boff, tok_ok, c2, limit, n8, GROUP, wts[0].dtype)
+                    z2 = _dequantized(ZK, zrow, tok_ok, c2, limit, codec, GROUP, wts[0].dtype)
                 else:
                     z2 = tl.load(ZK + zrow[:, None] + (start + c2)[None, :],
                                  mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0)  # fmt: skip
@@ -311,13 +334,14 @@ if triton is not None:
 
     @triton.jit
     def _rotated_keys(
-        ZK, zrow, tok_ok, start, limit, wts, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+        ZK, zrow, tok_ok, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
         k_lo, k_hi = _head_keys(
-            ZK, zrow, tok_ok, start, limit, wts, n8, boff, R1, R2, PRECISION, QUANT, GROUP, SLOTS
+            ZK, zrow, tok_ok, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN
         )  # fmt: skip
         if HAS_BIAS:
             k_lo += bias_lo[None, :]
@@ -330,21 +354,25 @@ if triton is not None:
 
     @triton.jit
     def _head_setup(
-        Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+        Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
-        HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
         or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
-        if QUANT:  # the head's 8-bit channels and the byte offset of its codes in a token's row
-            n8 = tl.load(N8 + head)
-            boff = tl.load(BOFF + head).to(tl.int64)
+        if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
+            n8 = tl.multiple_of(tl.load(CODEC + 4 * head), ALIGN)
+            boff = tl.multiple_of(tl.load(CODEC + 4 * head + 1).to(tl.int64), ALIGN)
+            soff = tl.load(CODEC + 4 * head + 2).to(tl.int64)
+            size = tl.multiple_of(tl.load(CODEC + 4 * head + 3), ALIGN)
         else:
             n8 = 0
             boff = 0
+            soff = 0
+            size = 0
         if SLOTS > 0:
             start, limit = offset, rank
             a0, a1, a2, a3 = _slot_weights(W, stride_wd, offset, rank, n8, 0, dims, HALF, GROUP // 2)
@@ -369,7 +397,7 @@ if triton is not None:
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, n8, boff
+        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size)
 
     @triton.jit
     def _head_tile_scores(
@@ -377,16 +405,17 @@ if triton is not None:
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
         the stores vectorize).
         """
-        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, n8, boff = setup
+        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
         rot_lo, rot_hi = _rotated_keys(
-            ZK, zrow, in_range, start, limit, wts, n8, boff, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
-            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS,
+            ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
         )  # fmt: skip
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
@@ -403,7 +432,7 @@ if triton is not None:
 
     @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, N8, BOFF, KBIAS, NORMW, INVF, S, COS, SIN,
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
         T, TP, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
@@ -412,11 +441,14 @@ if triton is not None:
         HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
-        QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
+        QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
-        the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads.
+        the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads. Quantized latents (QUANT):
+        CODEC holds each head's n8, first code byte, first scale byte and code bytes (padded); ALIGN divides the row
+        strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -429,22 +461,22 @@ if triton is not None:
         g = tl.arange(0, GP)
         i = tl.arange(0, BT)
         setup0 = _head_setup(
-            Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
+            Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
-                Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
-                Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
             )  # fmt: skip
             setup3 = _head_setup(
-                Q, W, RANKS, OFFSETS, N8, BOFF, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS,
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -482,24 +514,30 @@ if triton is not None:
                 cos = cos * rope_scale
                 sin = sin * rope_scale
             zrow = b * stride_zb + t * stride_zt
+            if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
+                zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
             _head_tile_scores(
                 ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                HAS8, HAS4, ALIGN,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
 
     @triton.jit
@@ -526,14 +564,16 @@ if triton is not None:
     @triton.jit
     def _values_kernel(
         S, ZV, ACC, MAX, SUM, OUT,
-        T, TP, tiles_per_split, num_heads, v_rank, v_n8,
+        T, TP, tiles_per_split, num_heads, v_rank, v_n8, v_scales, v_size,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
-        GROUP: tl.constexpr, GROUPS: tl.constexpr,
+        GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
-        QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits), dequantized here: per
-        value, or with GROUPS > 0 per scale group, the program's RVB = GROUPS * GROUP columns being its groups'.
+        QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits; codes from byte 0,
+        v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
+        group, the program's RVB = GROUPS * GROUP columns being its groups'. ALIGN divides the row strides, v_n8 and
+        v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -556,11 +596,15 @@ if triton is not None:
             t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
             row = b * stride_zb + t * stride_zt
             if GROUPS > 0:
-                even, odd = _group_latents(ZV, row, in_range, block * GROUPS, v_rank, v_n8, GROUPS, GROUP // 2,
-                                           OUT.dtype.element_ty)  # fmt: skip
+                even, odd = _group_latents(
+                    ZV, row, in_range, block * GROUPS, v_rank, tl.multiple_of(v_n8, ALIGN), v_scales,
+                    tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, OUT.dtype.element_ty, HAS8, HAS4, ALIGN,
+                )  # fmt: skip
                 z = tl.reshape(tl.join(even, odd), [BT, RVB])  # channel order: group, pair, even/odd
             elif QUANT:
-                z = _dequantized(ZV, row, in_range, rv, v_rank, v_n8, GROUP, OUT.dtype.element_ty)
+                z = _dequantized(
+                    ZV, row, in_range, rv, v_rank, (v_n8, 0, v_scales, v_size), GROUP, OUT.dtype.element_ty
+                )
             else:
                 z = tl.load(ZV + row[:, None] + rv[None, :], mask=in_range[:, None] & rv_ok[None, :], other=0.0)
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
@@ -695,19 +739,39 @@ def _rank_tables(ranks: list[int], device: torch.device) -> tuple[torch.Tensor, 
     return _RANK_TABLES[key]
 
 
-_CODEC_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_CODEC_TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def _codec_tables(codec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(8-bit channels, byte offset in the row) of each block of a `LatentCodec`, int32 on `device`, made once."""
-    key = (tuple(codec.ranks), tuple(codec.n8), codec.group, str(device))
+def _padded_code_bytes(codec) -> list[int]:
+    """Each block's code bytes rounded up to the codec's alignment (what the next part of the row leaves free)."""
+    return [-(-size // codec.align) * codec.align for size in codec.code_sizes]
+
+
+def _codec_table(codec, device: torch.device) -> torch.Tensor:
+    """
+    (blocks, 4) int32 on `device`, made once per `LatentCodec`: each block's 8-bit channels, first code byte, first
+    scale byte and code bytes (padded).
+    """
+    key = (tuple(codec.ranks), tuple(codec.n8), codec.group, codec.align, str(device))
     if key not in _CODEC_TABLES:
-        offsets = [sum(codec.sizes[:j]) for j in range(len(codec.sizes))]
-        _CODEC_TABLES[key] = (
-            torch.tensor(codec.n8, dtype=torch.int32, device=device),
-            torch.tensor(offsets, dtype=torch.int32, device=device),
-        )
+        rows = list(zip(codec.n8, codec.code_offsets, codec.scale_offsets, _padded_code_bytes(codec)))
+        _CODEC_TABLES[key] = torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4)
     return _CODEC_TABLES[key]
+
+
+def _codec_flags(codec, rows: torch.Tensor) -> dict:
+    """
+    The kernels' HAS8 / HAS4 (whether 8-bit / 4-bit groups occur) and ALIGN: the largest power of two up to 16
+    bytes that divides the rows' strides and offset, every block's first code byte and padded code bytes, and (where
+    4-bit codes occur) every n8, so that the codes are read in whole words.
+    """
+    has4 = any(a < r for a, r in zip(codec.n8, codec.ranks))
+    values = [rows.stride(0), rows.stride(1), rows.storage_offset(), *codec.code_offsets, *_padded_code_bytes(codec)]
+    values += codec.n8 if has4 else []
+    align = 16
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return {"HAS8": any(a > 0 for a in codec.n8), "HAS4": has4, "ALIGN": align}
 
 
 def latent_decode_attention(
@@ -752,10 +816,12 @@ def latent_decode_attention(
                 "quantized latents: uint8 rows of a key codec with these ranks and a one-block value codec"
             )
         v_rank, group = v_codec.ranks[0], k_codec.group
-        n8_table, byte_offsets = _codec_tables(k_codec, device)
+        codec_table = _codec_table(k_codec, device)
     groups = num_heads // num_kv_heads
     key_latents = key_latents if key_latents.stride(-1) == 1 else key_latents.contiguous()
     value_latents = value_latents if value_latents.stride(-1) == 1 else value_latents.contiguous()
+    if quant:
+        k_flags, v_flags = _codec_flags(k_codec, key_latents), _codec_flags(v_codec, value_latents)
     query = query.contiguous()
     ranks, offsets = _rank_tables(k_ranks, device)
     positions = positions if positions.dtype == torch.int32 else positions.to(torch.int32)
@@ -773,7 +839,8 @@ def latent_decode_attention(
     row_len = key_latents.shape[-1]
     aligned = bool(cfg["aligned_latents"]) and row_len % 8 == 0 and key_latents.stride(1) % 8 == 0 and not quant
     if not quant:
-        n8_table = byte_offsets = ranks
+        codec_table = ranks
+        k_flags = v_flags = {"HAS8": False, "HAS4": False, "ALIGN": 1}
         group = 32
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
@@ -800,7 +867,7 @@ def latent_decode_attention(
     if not use_table:
         cos_t = sin_t = scores
     _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
-        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, n8_table, byte_offsets,
+        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
         tokens, padded, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
@@ -811,7 +878,7 @@ def latent_decode_attention(
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
-        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0,
+        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
@@ -836,11 +903,12 @@ def latent_decode_attention(
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
     _values_kernel[(value_programs, v_splits, batch)](
         scores, value_latents, partial, maxes, sums, aggregated,
-        tokens, padded, v_per_split, num_heads, v_rank, v_codec.n8[0] if quant else 0,
+        tokens, padded, v_per_split, num_heads, v_rank, *((v_codec.n8[0], v_codec.scale_offsets[0],
+        _padded_code_bytes(v_codec)[0]) if quant else (0, 0, 0)),
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
-        GROUPS=groups_per_program,
+        GROUPS=groups_per_program, **v_flags,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     _merge_kernel[(triton.cdiv(v_rank, value_block), num_heads, batch)](

@@ -2,13 +2,13 @@
 Quantizing new latents into a `LatentCodec`'s uint8 rows in one Triton launch per layer: the same bytes as
 `LatentCodec.encode`, without its dozens of small PyTorch ops per block.
 
-A token's row holds, per block, at the block's byte offset: the int8 codes of its leading n8 channels, its int4 codes
-two per byte (channel 2i in the low nibble, 2i + 1 in the high one, offset by 8; an odd last channel is paired with
-the pad nibble 8), then the fp16 scales of its 8-bit groups followed by those of its 4-bit groups (groups of `group`
-channels counted from the start of each part), so the scale of the block's g-th group, 8-bit groups first, lies at
-byte 2 g of the scales, whatever the parity of that offset (each scale is written as two bytes).
+A token's row holds (`LatentCodec`), per block at its code offset: the int8 codes of its leading n8 channels, then
+its int4 codes two per byte (channel 2i in the low nibble, 2i + 1 in the high one, offset by 8; an odd last channel
+is paired with the pad nibble 8); and per block at its scale offset, past every block's codes: the fp16 scales of its
+8-bit groups followed by those of its 4-bit groups (groups of `group` channels counted from the start of each part),
+each written as two bytes. The bytes between those parts are zero.
 
-`_quantize_kernel`, one program per (tile of BT tokens, block), reads the block's rank, n8, column and byte offset
+`_quantize_kernel`, one program per (tile of BT tokens, block), reads the block's rank, n8, column and byte offsets
 from a small int32 table (made once per codec and device) and walks its groups, 8-bit ones first, NG at a time. A
 tile is (BT tokens, NG groups, HG pairs of channels): pairs because the two channels of a packed byte always share
 a group when the group size is even (odd group sizes, which the converter never makes, go through `codec.encode`).
@@ -67,11 +67,15 @@ if triton is not None:
 
     @triton.jit
     def _quantize_kernel(
-        Z, OUT, BLOCKS, tokens, stride_z, stride_o,
+        Z, OUT, BLOCKS, PAD, tokens, stride_z, stride_o,
         GROUP: tl.constexpr, BT: tl.constexpr, NG: tl.constexpr, HG: tl.constexpr, RECIPROCAL: tl.constexpr,
+        NPAD: tl.constexpr,
     ):  # fmt: skip
-        """One block's bytes of BT tokens' rows. BLOCKS: (blocks, 4) int32 rank, n8, column in z, byte in the row."""
-        block = BLOCKS + 4 * tl.program_id(1)
+        """
+        One block's bytes of BT tokens' rows. BLOCKS: (blocks, 5) int32 rank, n8, column in z, code byte and scale
+        byte in the row. The programs of block 0 also zero the row's NPAD padding bytes (their offsets: PAD).
+        """
+        block = BLOCKS + 5 * tl.program_id(1)
         rank = tl.load(block)
         n8 = tl.load(block + 1)
         n4 = rank - n8
@@ -80,8 +84,13 @@ if triton is not None:
         t = tl.program_id(0) * BT + tl.arange(0, BT)
         tok_ok = (t < tokens)[:, None, None]
         z_row = t.to(tl.int64)[:, None, None] * stride_z + tl.load(block + 2)
-        out_row = t.to(tl.int64)[:, None] * stride_o + tl.load(block + 3)  # the block's first byte
-        scales = out_row + n8 + (n4 + 1) // 2  # its first scale's byte
+        row = t.to(tl.int64)[:, None] * stride_o
+        out_row = row + tl.load(block + 3)  # the block's first code byte
+        scales = row + tl.load(block + 4)  # its first scale's byte
+        if NPAD > 0:
+            if tl.program_id(1) == 0:
+                at = tl.load(PAD + tl.arange(0, NPAD))[None, :]  # (-1: none)
+                tl.store(OUT + row + at, tl.zeros([BT, NPAD], tl.uint8), mask=(t < tokens)[:, None] & (at >= 0))
         pair = tl.arange(0, HG)[None, :]
         for first in range(0, groups, NG):
             g = first + tl.arange(0, NG)
@@ -137,18 +146,26 @@ def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.uint8, device=device)
 
 
-_BLOCK_TABLES: dict[tuple, torch.Tensor] = {}
+_BLOCK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _block_table(codec: LatentCodec, device: torch.device) -> torch.Tensor:
-    """(blocks, 4) int32 on `device`: each block's rank, 8-bit channels, first column in z, first byte in the row."""
-    key = (tuple(codec.ranks), tuple(codec.n8), codec.group, str(device))
+def _block_tables(codec: LatentCodec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    int32 tables on `device`, made once per codec: (blocks, 5) each block's rank, 8-bit channels, first column in z,
+    first code byte and first scale byte in the row; and the row's padding bytes (-1 filling a power of two).
+    """
+    key = (tuple(codec.ranks), tuple(codec.n8), codec.group, codec.align, str(device))
     if key not in _BLOCK_TABLES:
         rows = [
-            [rank, n8, sum(codec.ranks[:j]), sum(codec.sizes[:j])]
+            [rank, n8, sum(codec.ranks[:j]), codec.code_offsets[j], codec.scale_offsets[j]]
             for j, (rank, n8) in enumerate(zip(codec.ranks, codec.n8))
         ]
-        _BLOCK_TABLES[key] = torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 4)
+        pad = codec.padding()
+        pad += [-1] * (triton.next_power_of_2(len(pad)) - len(pad) if pad else 0)
+        _BLOCK_TABLES[key] = (
+            torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 5),
+            torch.tensor(pad or [-1], dtype=torch.int32, device=device),
+        )
     return _BLOCK_TABLES[key]
 
 
@@ -177,9 +194,11 @@ def quantize_rows(z: torch.Tensor, codec: LatentCodec) -> torch.Tensor:
         groups = max(-(-n8 // codec.group) + -(-(r - n8) // codec.group) for r, n8 in zip(codec.ranks, codec.n8))
         tile_tokens = min(16, triton.next_power_of_2(tokens))
         tile_groups = min(triton.next_power_of_2(groups), max(1, PAIRS_PER_TILE // (tile_tokens * pairs)))
+        blocks, pad = _block_tables(codec, z.device)
         _quantize_kernel[(triton.cdiv(tokens, tile_tokens), len(codec.ranks))](
-            flat, out, _block_table(codec, z.device), tokens, flat.stride(0), out.stride(0),
+            flat, out, blocks, pad, tokens, flat.stride(0), out.stride(0),
             GROUP=codec.group, BT=tile_tokens, NG=tile_groups, HG=pairs, RECIPROCAL=z.device.type == "cuda",
+            NPAD=len(pad) if codec.padding() else 0,
         )  # fmt: skip
     return out.view(*lead, row_bytes)
 

@@ -34,7 +34,7 @@ class QuantizedLatents:
 
 
 def quantized_bytes_per_token(rank: int, n8: int, group: int) -> int:
-    """Bytes one token's latents of a block take: codes plus fp16 scales."""
+    """Bytes one token's latents of a block take: codes plus fp16 scales (a `LatentCodec` row adds its alignment)."""
     n4 = rank - n8
     return n8 + (n4 + 1) // 2 + 2 * (-(-n8 // group) + -(-n4 // group))
 
@@ -97,40 +97,69 @@ def _as(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return part.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+ROW_ALIGN = 4  # bytes: where each block's codes start, and the row length (the decode kernel's loads then vectorize)
+
+
 class LatentCodec:
     """
-    Stores the latents of consecutive blocks (..., sum(ranks)) as one uint8 row per token: per block its int8 codes,
-    packed int4 codes, then the fp16 scales of both parts. A cache that keeps these rows on its token axis can
-    concatenate, crop, reorder and select them like any tensor.
+    Stores the latents of consecutive blocks (..., sum(ranks)) as one uint8 row per token. The row holds every
+    block's codes first, each block's at a multiple of `align` bytes (its int8 codes, then its int4 codes two per
+    byte), then the fp16 scales of every block (per block its 8-bit groups' then its 4-bit groups'), 2-byte aligned;
+    the row length is a multiple of `align` and the bytes between parts are zero. Aligned codes and scales let a
+    kernel read them in whole words. A cache that keeps these rows on its token axis can concatenate, crop, reorder
+    and select them like any tensor.
     """
 
-    def __init__(self, ranks: list[int], n8: list[int], group: int):
+    def __init__(self, ranks: list[int], n8: list[int], group: int, align: int = ROW_ALIGN):
         if len(ranks) != len(n8) or not all(0 <= a <= r for a, r in zip(n8, ranks)):
             raise ValueError(f"8-bit channels {n8} do not fit the ranks {ranks}")
-        self.ranks, self.n8, self.group = list(ranks), list(n8), group
-        self.sizes = [quantized_bytes_per_token(r, a, group) for r, a in zip(ranks, n8)]
+        if align not in (1, 2, 4, 8, 16):
+            raise ValueError(f"row alignment {align}: use 1, 2, 4, 8 or 16 bytes")
+        self.ranks, self.n8, self.group, self.align = list(ranks), list(n8), group, align
+        self.code_sizes = [a + (r - a + 1) // 2 for r, a in zip(ranks, n8)]
+        self.scale_counts = [-(-a // group) + -(-(r - a) // group) for r, a in zip(ranks, n8)]
+        self.code_offsets = [sum(_round_up(c, align) for c in self.code_sizes[:j]) for j in range(len(ranks))]
+        scales_at = _round_up(sum(_round_up(c, align) for c in self.code_sizes), max(align, 2))
+        self.scale_offsets = [scales_at + 2 * sum(self.scale_counts[:j]) for j in range(len(ranks))]
+        self.bytes_per_token = _round_up(scales_at + 2 * sum(self.scale_counts), max(align, 2))
 
-    @property
-    def bytes_per_token(self) -> int:
-        return sum(self.sizes)
+    def padding(self) -> list[int]:
+        """The byte offsets of a row that hold neither codes nor scales (zero in every row)."""
+        used = set()
+        for code, size, scale, count in zip(self.code_offsets, self.code_sizes, self.scale_offsets, self.scale_counts):
+            used.update(range(code, code + size))
+            used.update(range(scale, scale + 2 * count))
+        return [i for i in range(self.bytes_per_token) if i not in used]
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """(..., sum(ranks)) -> (..., bytes_per_token) uint8."""
-        parts = []
-        for block, n8 in zip(z.split(self.ranks, dim=-1), self.n8):
+        rows = torch.zeros(*z.shape[:-1], self.bytes_per_token, dtype=torch.uint8, device=z.device)
+        blocks = z.split(self.ranks, dim=-1)
+        for block, n8, code, scale in zip(blocks, self.n8, self.code_offsets, self.scale_offsets):
             q = quantize_latents(block, n8, self.group)
-            parts += [q.codes8.view(torch.uint8), q.packed4, q.scales8.view(torch.uint8), q.scales4.view(torch.uint8)]
-        return torch.cat(parts, dim=-1)
+            codes = torch.cat((q.codes8.view(torch.uint8), q.packed4), dim=-1)
+            scales = torch.cat((q.scales8.view(torch.uint8), q.scales4.view(torch.uint8)), dim=-1)
+            rows[..., code : code + codes.shape[-1]] = codes
+            rows[..., scale : scale + scales.shape[-1]] = scales
+        return rows
 
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(..., bytes_per_token) uint8 -> (..., sum(ranks)) latents in `dtype`."""
         blocks = []
-        for row, rank, n8 in zip(rows.split(self.sizes, dim=-1), self.ranks, self.n8):
+        for rank, n8, code, scale in zip(self.ranks, self.n8, self.code_offsets, self.scale_offsets):
             n4, group = rank - n8, self.group
-            widths = [n8, (n4 + 1) // 2, 2 * -(-n8 // group), 2 * -(-n4 // group)]
-            codes8, packed4, scales8, scales4 = row.split(widths, dim=-1)
+            groups8, groups4 = -(-n8 // group), -(-n4 // group)
             q = QuantizedLatents(
-                _as(codes8, torch.int8), _as(scales8, SCALE_DTYPE), packed4, _as(scales4, SCALE_DTYPE), rank, group
+                _as(rows[..., code : code + n8], torch.int8),
+                _as(rows[..., scale : scale + 2 * groups8], SCALE_DTYPE),
+                rows[..., code + n8 : code + n8 + (n4 + 1) // 2],
+                _as(rows[..., scale + 2 * groups8 : scale + 2 * (groups8 + groups4)], SCALE_DTYPE),
+                rank,
+                group,
             )
             blocks.append(dequantize_latents(q, dtype))
         return torch.cat(blocks, dim=-1)

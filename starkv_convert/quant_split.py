@@ -168,12 +168,12 @@ def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32) -> li
 
 
 def latent_bytes(plan: RankPlan, kv_quant: dict) -> int:
-    """Bytes per token of the quantized latents of every compressed layer (what a cache row holds)."""
-    size, group = _quant().quantized_bytes_per_token, kv_quant["group"]
+    """Bytes per token of the quantized latents of every compressed layer: what the cache rows hold, alignment too."""
+    codec, group = _quant().LatentCodec, kv_quant["group"]
     total = 0
     for k, v, k_n8, v_n8 in zip(plan.k, plan.v, kv_quant["k_n8"], kv_quant["v_n8"]):
         if k is not None:
-            total += sum(size(r, n, group) for r, n in zip(k, k_n8)) + size(v, v_n8, group)
+            total += codec(k, k_n8, group).bytes_per_token + codec([v], [v_n8], group).bytes_per_token
     return total
 
 

@@ -280,6 +280,10 @@ QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
     (3, [7, 33, 40, 16], [3, 33, 0, 9], 96, 96, 16, {"norm": True, "rope_scale": 1.3}),  # groups of 16
     (2, [38, 19], [38, 1], 1030, 301, 32, {"pad": 40}),  # wide value rank: blocks of 128 columns
     (4, [64, 9], [10, 9], 64, 33, 32, {"bias": True}),  # a head of three scale groups (8-bit, then 32 + 22 4-bit)
+    # rows read in whole words (codes at multiples of 4 bytes): 4 bits only; 8 bits only; mixed, n8 multiples of 4
+    (4, [32, 32], [0, 0], 64, 0, 32, {}),
+    (2, [32, 16], [32, 16], 64, 64, 32, {"bias": True}),
+    (4, [38, 40], [8, 16], 96, 32, 32, {"pad": 5}),
 ]
 
 

@@ -73,3 +73,26 @@ def test_codec_rows_round_trip_ragged_blocks():
     assert torch.equal(codec.decode(rows[:, 3:5], torch.float32), expected[:, 3:5])  # rows are per token
     with pytest.raises(ValueError):
         quant.LatentCodec([4], [5], 32)
+
+
+@pytest.mark.parametrize("align", [1, 4, 16])
+def test_codec_rows_are_aligned_and_padded_with_zeros(align):
+    """Each block's codes start at a multiple of `align` bytes, all scales follow 2-byte aligned, the row length is a
+    multiple of `align`; only codes and scales are nonzero, and the row costs at most the alignment over its parts."""
+    ranks, n8, group = [38, 5, 17, 32], [10, 0, 17, 0], 16
+    codec = quant.LatentCodec(ranks, n8, group, align=align)
+    assert all(offset % align == 0 for offset in codec.code_offsets)
+    assert all(offset % 2 == 0 for offset in codec.scale_offsets) and codec.bytes_per_token % max(align, 2) == 0
+    assert codec.scale_offsets[0] >= codec.code_offsets[-1] + codec.code_sizes[-1]
+    parts = sum(quant.quantized_bytes_per_token(r, a, group) for r, a in zip(ranks, n8))
+    assert parts <= codec.bytes_per_token <= parts + len(ranks) * (align - 1) + max(align, 2)
+    rows = codec.encode(torch.randn(3, 5, sum(ranks)) * 100)
+    pad = codec.padding()
+    assert rows[..., pad].eq(0).all() and len(pad) == codec.bytes_per_token - parts
+    if align == 1:
+        assert codec.bytes_per_token - parts <= 1  # (the scales' 2-byte alignment)
+    # every part sits where the codec says: the scales of block 3 are those quantize_latents gives
+    z = torch.randn(4, sum(ranks))
+    q = quant.quantize_latents(z.split(ranks, dim=-1)[3], 0, group)
+    at = codec.scale_offsets[3]
+    assert torch.equal(codec.encode(z)[:, at : at + 4], q.scales4.view(torch.uint8))

@@ -23,12 +23,16 @@ def test_cache_bytes_are_the_quantized_rows(converted, bits):
     folder = converted("qwen2", kv_ratio=0.5, kv_bits=bits)
     model = _load(folder)
     config = model.config
-    expected = 4  # the int32 position of each token
+    expected = parts = 4  # the int32 position of each token
     for i in range(config.num_hidden_layers):
         k_n8, v_n8 = config.kv_quant["k_n8"][i], config.kv_quant["v_n8"][i]
-        group = config.kv_quant["group"]
-        expected += sum(quant.quantized_bytes_per_token(r, a, group) for r, a in zip(config.kv_k_ranks[i], k_n8))
-        expected += quant.quantized_bytes_per_token(config.kv_v_ranks[i], v_n8, group)
+        group, k_ranks, v_rank = config.kv_quant["group"], config.kv_k_ranks[i], config.kv_v_ranks[i]
+        expected += quant.LatentCodec(k_ranks, k_n8, group).bytes_per_token
+        expected += quant.LatentCodec([v_rank], [v_n8], group).bytes_per_token
+        parts += sum(quant.quantized_bytes_per_token(r, a, group) for r, a in zip(k_ranks, k_n8))
+        parts += quant.quantized_bytes_per_token(v_rank, v_n8, group)
+    # the rows' alignment costs at most 3 bytes per block and 3 per row
+    assert parts <= expected <= parts + 3 * sum(len(k) + 3 for k in config.kv_k_ranks if k is not None)
     ids = torch.randint(1, 300, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
