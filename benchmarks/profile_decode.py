@@ -60,7 +60,12 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "no RoPE tables (angle addition)": {"rope_table": None},
     "tiles of 32 tokens": {"block_tokens": 32},
     "tiles of 128 tokens": {"block_tokens": 128},
+    "values block 64": {"value_block": 64},
+    "values block 128, 2 programs/SM": {"value_block": 128, "values_programs_per_sm": 2},
+    "values block 128, 8 programs/SM": {"value_block": 128, "values_programs_per_sm": 8},
+    "values block 256": {"value_block": 256},
 }
+VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 
 
@@ -80,6 +85,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="*", default=[7, 3])
     p.add_argument("--quick", action="store_true", help="only the default and per-value key dequantization")
+    p.add_argument("--values", action="store_true", help="only the default and the values-pass variants")
     p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     p.add_argument("--valid", action="store_true", help="a validity mask as the model passes (3 padding tokens)")
@@ -100,7 +106,7 @@ def main() -> None:
         if args.shared_tables:  # one table for every sequence (batch stride 0)
             tables = tuple(t[:1].expand_as(t) for t in tables)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
-        variants = QUICK if args.quick else VARIANTS
+        variants = QUICK if args.quick else VALUES if args.values else VARIANTS
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
         for label, config in variants.items():
             try:

@@ -169,7 +169,7 @@ if triton is not None:
 
     @triton.jit
     def _group_codes(
-        ROWS, at, tok_ok, groups, n8, size,
+        ROWS, at, tok_ok, groups, rank, n8, size,
         HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
@@ -177,9 +177,9 @@ if triton is not None:
         whole bytes: an 8-bit group's 2 HG bytes, or a 4-bit group's HG bytes (channel pairs in the low and high
         nibbles). Keys pass one group (a scalar; `at`, each token's first code byte of the block, and `tok_ok` as
         (BT, 1)) and get (BT, HG) codes; the values pass NG groups as (NG, 1), `at` and `tok_ok` as (BT, 1, 1), and
-        gets (BT, NG, HG). `at`, n8 and `size` (the block's code bytes, padded) are multiples of ALIGN. Bytes past
-        `size` read as 0; channels past a group's end come out as arbitrary codes (whatever multiplies them must be
-        zero there). HAS8 / HAS4: whether the block has 8-bit / 4-bit groups at all.
+        gets (BT, NG, HG). `at`, `size` (the block's code bytes, padded) and, if the block has 4-bit codes, n8 are
+        multiples of ALIGN. Bytes past `size` read as 0; channels past a group's end come out as arbitrary codes
+        (whatever multiplies them must be zero there). HAS8 / HAS4: whether 8-bit / 4-bit groups occur at all.
         """
         groups8 = (n8 + 2 * HG - 1) // (2 * HG)
         is8 = groups < groups8
@@ -194,7 +194,8 @@ if triton is not None:
             even, odd = even8.to(tl.int8, bitcast=True).to(tl.int32), odd8.to(tl.int8, bitcast=True).to(tl.int32)
         if HAS4:
             b4 = n8 + (groups - groups8) * HG + tl.arange(0, HG)
-            raw4 = tl.load(ROWS + at + b4, mask=tok_ok & (b4 < tl.where(is8, 0, size)), other=0).to(tl.int32)
+            end4 = tl.where(is8, 0, tl.where(n8 == rank, 0, size))  # (a block of 8 bits only: none)
+            raw4 = tl.load(ROWS + at + b4, mask=tok_ok & (b4 < end4), other=0).to(tl.int32)
             if HAS8:
                 even, odd = tl.where(is8, even, (raw4 & 15) - 8), tl.where(is8, odd, (raw4 >> 4) - 8)
             else:
@@ -213,7 +214,7 @@ if triton is not None:
         """
         n8, boff, soff, size = codec
         at = tl.multiple_of(row + boff, ALIGN)[:, None]
-        even, odd = _group_codes(ROWS, at, tok_ok[:, None], s, n8, size, HG, HAS8, HAS4, ALIGN)
+        even, odd = _group_codes(ROWS, at, tok_ok[:, None], s, rank, n8, size, HG, HAS8, HAS4, ALIGN)
         _, base, end = _slot(s, rank, n8, HG)
         scale = _fp16_at(ROWS, row + soff + 2 * s, tok_ok & (row * 0 + base < end))[:, None]
         return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
@@ -231,7 +232,9 @@ if triton is not None:
         """
         groups = first + tl.arange(0, NG)
         at = tl.multiple_of(row, ALIGN)[:, None, None]
-        even, odd = _group_codes(ROWS, at, tok_ok[:, None, None], groups[:, None], n8, size, HG, HAS8, HAS4, ALIGN)
+        even, odd = _group_codes(
+            ROWS, at, tok_ok[:, None, None], groups[:, None], rank, n8, size, HG, HAS8, HAS4, ALIGN
+        )
         _, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
         scale = _fp16_at(ROWS, row[:, None] + soff + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
         scale = scale[:, :, None]
@@ -762,12 +765,12 @@ def _codec_table(codec, device: torch.device) -> torch.Tensor:
 def _codec_flags(codec, rows: torch.Tensor) -> dict:
     """
     The kernels' HAS8 / HAS4 (whether 8-bit / 4-bit groups occur) and ALIGN: the largest power of two up to 16
-    bytes that divides the rows' strides and offset, every block's first code byte and padded code bytes, and (where
-    4-bit codes occur) every n8, so that the codes are read in whole words.
+    bytes that divides the rows' strides and offset, every block's first code byte and padded code bytes, and the
+    n8 of every block with 4-bit codes, so that the codes are read in whole words.
     """
     has4 = any(a < r for a, r in zip(codec.n8, codec.ranks))
     values = [rows.stride(0), rows.stride(1), rows.storage_offset(), *codec.code_offsets, *_padded_code_bytes(codec)]
-    values += codec.n8 if has4 else []
+    values += [a for a, r in zip(codec.n8, codec.ranks) if a < r]  # (a block of 8 bits only reads no 4-bit codes)
     align = 16
     while align > 1 and any(v % align for v in values):
         align //= 2

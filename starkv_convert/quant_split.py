@@ -133,10 +133,11 @@ def measure_split_errors(
     return SplitErrors(layer_of, side_of, relative, blocks.numel(), len(blocks))
 
 
-def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32) -> list[int]:
+def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32, step: int = 1) -> list[int]:
     """
     How many leading channels of each block keep 8 bits, given each block's error for n8 = 0..rank: the split of
-    least summed error whose bytes per token (all blocks together) fit `budget`.
+    least summed error whose bytes per token (all blocks together) fit `budget`, among n8 that are multiples of
+    `step` or the whole rank.
 
     Rule: every block costs at least its all-4-bit bytes (n8 = 0 is its cheapest split); the bytes above that are
     spent exactly, by dynamic programming over bytes (a multiple-choice knapsack: for each block in turn, the least
@@ -156,8 +157,10 @@ def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32) -> li
     best = torch.zeros(left + 1, dtype=torch.float64)  # least error of the blocks so far within c extra bytes
     choices = []
     for error, extra in zip(errors, extras):
+        n8 = torch.arange(len(error))
+        error = error.double().cpu().masked_fill((n8 % step != 0) & (n8 != len(error) - 1), torch.inf)
         before = spent[None, :] - extra[:, None]  # (splits, bytes): the bytes left to the blocks before this one
-        total = best[before.clamp_min(0)] + error.double().cpu()[:, None]
+        total = best[before.clamp_min(0)] + error[:, None]
         best, choice = total.masked_fill(before < 0, torch.inf).min(dim=0)
         choices.append(choice)
     n8, at = [], left
@@ -213,7 +216,8 @@ def auto_quantization_plan(
     n8 = [0] * len(ranks)
     for blocks in pools:
         bytes_ = sum(size(ranks[b], mixed[b], group) for b in blocks)
-        for b, n in zip(blocks, choose_split([errors.errors[b] for b in blocks], bytes_, group)):
+        step = _quant().ROW_ALIGN  # 8-bit parts in whole words: the 4-bit codes after them stay word-aligned
+        for b, n in zip(blocks, choose_split([errors.errors[b] for b in blocks], bytes_, group, step)):
             n8[b] = n
     return nested_n8(plan, n8, group)
 

@@ -12,6 +12,7 @@ import torch
 
 from .errors import StarKVError
 from .factorize import LayerFactors
+from .remote_code import import_remote
 
 if TYPE_CHECKING:
     from .quant_split import SplitErrors
@@ -198,9 +199,11 @@ def quantization_plan(
             raise ValueError("--kv-bits auto chooses its split from measured errors: pass errors")
         return auto_quantization_plan(plan, errors, share, group, auto_budget)
     fraction = {"8": 1.0, "4": 0.0, "mixed": share}[bits]
+    step = import_remote("latent_quant").ROW_ALIGN  # n8 in steps of the rows' alignment: word-aligned 4-bit codes
 
     def n8(rank: int) -> int:
-        return min(rank, round(fraction * rank))
+        aligned = round(fraction * rank / step) * step
+        return rank if fraction == 1.0 or aligned >= rank else aligned
 
     return {
         "group": group,

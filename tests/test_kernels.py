@@ -284,6 +284,7 @@ QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
     (4, [32, 32], [0, 0], 64, 0, 32, {}),
     (2, [32, 16], [32, 16], 64, 64, 32, {"bias": True}),
     (4, [38, 40], [8, 16], 96, 32, 32, {"pad": 5}),
+    (4, [38, 37], [8, 37], 64, 0, 32, {}),  # beside them a head of 8 bits only, of odd rank
 ]
 
 
