@@ -33,10 +33,20 @@ class QuantizedLatents:
         return sum(t.numel() * t.element_size() for t in (self.codes8, self.scales8, self.packed4, self.scales4))
 
 
-def quantized_bytes_per_token(rank: int, n8: int, group: int) -> int:
-    """Bytes one token's latents of a block take: codes plus fp16 scales (a `LatentCodec` row adds its alignment)."""
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+ROW_ALIGN = 4  # bytes: where each block's codes start, and the row length (the decode kernel's loads then vectorize)
+
+
+def quantized_bytes_per_token(rank: int, n8: int, group: int, align: int = 1) -> int:
+    """
+    Bytes one token's latents of a block take: codes plus fp16 scales; with `align`, its codes padded to a multiple
+    of it, as a `LatentCodec` row holds them (the row then rounds its total up to `align`).
+    """
     n4 = rank - n8
-    return n8 + (n4 + 1) // 2 + 2 * (-(-n8 // group) + -(-n4 // group))
+    return _round_up(n8 + (n4 + 1) // 2, align) + 2 * (-(-n8 // group) + -(-n4 // group))
 
 
 def _group_scales(z: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
@@ -95,13 +105,6 @@ def _as(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if part.shape[-1] == 0:
         return torch.empty(*part.shape[:-1], 0, dtype=dtype, device=part.device)
     return part.clone(memory_format=torch.contiguous_format).view(dtype)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-ROW_ALIGN = 4  # bytes: where each block's codes start, and the row length (the decode kernel's loads then vectorize)
 
 
 class LatentCodec:

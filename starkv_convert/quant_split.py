@@ -137,7 +137,8 @@ def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32, step:
     """
     How many leading channels of each block keep 8 bits, given each block's error for n8 = 0..rank: the split of
     least summed error whose bytes per token (all blocks together) fit `budget`, among n8 that are multiples of
-    `step` or the whole rank.
+    `step` or the whole rank, each block's codes padded to a multiple of `step` bytes as a `LatentCodec` row of that
+    alignment holds them.
 
     Rule: every block costs at least its all-4-bit bytes (n8 = 0 is its cheapest split); the bytes above that are
     spent exactly, by dynamic programming over bytes (a multiple-choice knapsack: for each block in turn, the least
@@ -148,7 +149,7 @@ def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32, step:
     miss a block whose 8-bit channels pay off only as a whole group. Ties go to fewer 8-bit channels.
     """
     size = _quant().quantized_bytes_per_token
-    costs = [torch.tensor([size(len(e) - 1, n, group) for n in range(len(e))]) for e in errors]
+    costs = [torch.tensor([size(len(e) - 1, n, group, step) for n in range(len(e))]) for e in errors]
     extras = [cost - cost[0] for cost in costs]
     left = budget - sum(int(cost[0]) for cost in costs)
     if left < 0:
@@ -200,7 +201,8 @@ def auto_quantization_plan(
 ) -> dict:
     """
     The config's `kv_quant` of `--kv-bits auto`: the splits of `choose_split` at the bytes per token that
-    `--kv-bits mixed` with the same `share` takes, so auto replaces mixed at equal memory. `budget` "model": all
+    `--kv-bits mixed` with the same `share` takes, so auto replaces mixed at equal memory (each side's rows may round
+    up by 2 bytes more: the row length is a multiple of the codec's alignment). `budget` "model": all
     blocks draw on mixed's bytes together (keys and values trade bytes by their relative errors); "side": the keys
     get mixed's key bytes and the values mixed's value bytes, each chosen among their own blocks.
     """
@@ -215,8 +217,8 @@ def auto_quantization_plan(
         pools = [[b for b, s in enumerate(errors.sides) if s == side] for side in "kv"]
     n8 = [0] * len(ranks)
     for blocks in pools:
-        bytes_ = sum(size(ranks[b], mixed[b], group) for b in blocks)
         step = _quant().ROW_ALIGN  # 8-bit parts in whole words: the 4-bit codes after them stay word-aligned
+        bytes_ = sum(size(ranks[b], mixed[b], group, step) for b in blocks)
         for b, n in zip(blocks, choose_split([errors.errors[b] for b in blocks], bytes_, group, step)):
             n8[b] = n
     return nested_n8(plan, n8, group)

@@ -41,6 +41,21 @@ def _codec_bytes(config) -> int:
     return total
 
 
+def _block_bytes(plan: RankPlan, kv_quant: dict, side: str = "kv") -> int:
+    """What `choose_split` budgets: the blocks' codes (padded to the rows' alignment) and scales, before each row
+    rounds its length up to that alignment (at most 2 bytes more a row)."""
+    size, group, step, total = quant.quantized_bytes_per_token, kv_quant["group"], quant.ROW_ALIGN, 0
+    for k, v, k_n8, v_n8 in zip(plan.k, plan.v, kv_quant["k_n8"], kv_quant["v_n8"]):
+        if k is not None:
+            total += sum(size(r, n, group, step) for r, n in zip(k, k_n8)) if "k" in side else 0
+            total += size(v, v_n8, group, step) if "v" in side else 0
+    return total
+
+
+def _rows(plan: RankPlan) -> int:
+    return 2 * sum(k is not None for k in plan.k)
+
+
 def _held_out(tokenizer, corpus, blocks: int = 4, seq_len: int = 64) -> torch.Tensor:
     """Token blocks from the end of the corpus: the conversions calibrate and evaluate on its first tokens."""
     ids = tokenizer(corpus.read_text())["input_ids"]
@@ -80,20 +95,26 @@ def test_chooser_extremes_and_a_budget_too_small():
         choose_split(tables, all4 - 1, 32)
 
 
+@pytest.mark.parametrize("step", [1, 4])
 @pytest.mark.parametrize("seed", range(6))
-def test_chooser_is_the_optimum_of_small_cases(seed):
-    """Brute force over every split of three small blocks: nothing within the budget has less error."""
+def test_chooser_is_the_optimum_of_small_cases(seed, step):
+    """Brute force over every split of three small blocks: nothing within the budget has less error. With a step,
+    among 8-bit parts of whole steps (or whole blocks), codes padded to the step."""
     import itertools
 
     g = torch.Generator().manual_seed(seed)
     ranks, group = [5 + seed, 9, 12 - seed], 4
     tables = [_table(torch.rand(r, generator=g) * torch.logspace(0, -1.5, r)) for r in ranks]
     tables = [t * (1 + 0.05 * torch.rand(len(t), generator=g, dtype=torch.float64)) for t in tables]
-    size = quant.quantized_bytes_per_token
+
+    def size(rank, n8, group):
+        return quant.quantized_bytes_per_token(rank, n8, group, step)
+
     budget = sum(size(r, round(0.3 * r), group) for r in ranks)
-    n8 = choose_split(tables, budget, group)
+    n8 = choose_split(tables, budget, group, step)
     assert sum(size(r, n, group) for r, n in zip(ranks, n8)) <= budget
-    splits = itertools.product(*[range(r + 1) for r in ranks])
+    assert all(n % step == 0 or n == r for n, r in zip(n8, ranks))
+    splits = itertools.product(*[[n for n in range(r + 1) if n % step == 0 or n == r] for r in ranks])
     fitting = [s for s in splits if sum(size(r, n, group) for r, n in zip(ranks, s)) <= budget]
     best = min(sum(t[n] for t, n in zip(tables, s)) for s in fitting)
     assert sum(t[n] for t, n in zip(tables, n8)) == pytest.approx(float(best), rel=1e-12)
@@ -109,7 +130,9 @@ def test_auto_takes_the_bytes_of_mixed(converted, family, options):
     a, m = _load(auto).config, _load(mixed).config
     assert a.kv_k_ranks == m.kv_k_ranks and a.kv_v_ranks == m.kv_v_ranks  # the same ranks, split differently
     auto_bytes, mixed_bytes = _codec_bytes(a), _codec_bytes(m)
-    assert mixed_bytes - 4 <= auto_bytes <= mixed_bytes  # at most one fp16 scale per side below mixed, never above
+    auto_blocks, mixed_blocks = _block_bytes(_plan(a), a.kv_quant), _block_bytes(_plan(m), m.kv_quant)
+    assert mixed_blocks - 4 <= auto_blocks <= mixed_blocks  # at most one fp16 scale per side below mixed, never above
+    assert auto_blocks <= auto_bytes <= auto_blocks + 2 * _rows(_plan(a))  # (the rows' rounding)
     report, mixed_report = _report(auto), _report(mixed)
     measured = report["kv_cache"]["bytes_per_token"]["starkv"]  # read off a real cache (plus 4 B of position)
     assert measured == auto_bytes + 4 and mixed_report["kv_cache"]["bytes_per_token"]["starkv"] == mixed_bytes + 4
@@ -126,7 +149,8 @@ def test_model_budget_pools_all_blocks(converted):
     model = _load(folder)
     plan, auto = _plan(model.config), model.config.kv_quant
     mixed = quantization_plan(plan, "mixed", 0.25)
-    assert latent_bytes(plan, mixed) - 2 <= latent_bytes(plan, auto) <= latent_bytes(plan, mixed)
+    assert _block_bytes(plan, mixed) - 2 <= _block_bytes(plan, auto) <= _block_bytes(plan, mixed)
+    assert latent_bytes(plan, auto) <= latent_bytes(plan, mixed) + 2 * _rows(plan)
     q = _report(folder)["quantization"]
     assert q["budget"]["pooled_over"] == "model"
     assert q["relative_error"]["auto"]["total"] <= q["relative_error"]["mixed"]["total"]
@@ -170,7 +194,7 @@ def test_auto_has_less_error_than_mixed_on_held_out_tokens(converted, tokenizer,
     model = _load(folder)
     plan, auto = _plan(model.config), model.config.kv_quant
     mixed = quantization_plan(plan, "mixed", 0.25)
-    assert latent_bytes(plan, auto) <= latent_bytes(plan, mixed)
+    assert _block_bytes(plan, auto) <= _block_bytes(plan, mixed)
     errors = measure_split_errors(model, _held_out(tokenizer, corpus), progress=False)
     auto_error, mixed_error = errors.total(flat_n8(plan, auto)), errors.total(flat_n8(plan, mixed))
     assert auto_error < mixed_error
@@ -182,22 +206,14 @@ def test_side_budget_keeps_each_sides_bytes(converted):
     model = _load(folder)
     plan, auto = _plan(model.config), model.config.kv_quant
     mixed = quantization_plan(plan, "mixed", 0.25)
-    for side in "kv":  # the bytes of one side: the other side's blocks all in 4 bits on both
-        other = "v" if side == "k" else "k"
-        auto_side, mixed_side = (_with_side_zero(plan, q, other) for q in (auto, mixed))
-        assert latent_bytes(plan, mixed_side) - 2 <= latent_bytes(plan, auto_side) <= latent_bytes(plan, mixed_side)
+    for side in "kv":  # the bytes of one side's blocks
+        auto_side, mixed_side = _block_bytes(plan, auto, side), _block_bytes(plan, mixed, side)
+        assert mixed_side - 2 <= auto_side <= mixed_side
     q = _report(folder)["quantization"]
     assert q["budget"]["pooled_over"] == "side" and "mixed's value bytes" in (folder / "README.md").read_text()
     error = q["relative_error"]
     assert error["auto"]["k"] <= error["mixed"]["k"] and error["auto"]["v"] <= error["mixed"]["v"]
     assert error["auto"]["total"] < error["mixed"]["total"]
-
-
-def _with_side_zero(plan: RankPlan, kv_quant: dict, side: str) -> dict:
-    """`kv_quant` with every block of `side` ("k" or "v") all in 4 bits."""
-    k_n8 = [None if n is None else ([0] * len(n) if side == "k" else n) for n in kv_quant["k_n8"]]
-    v_n8 = [None if n is None else (0 if side == "v" else n) for n in kv_quant["v_n8"]]
-    return {**kv_quant, "k_n8": k_n8, "v_n8": v_n8}
 
 
 # --- the command line ------------------------------------------------------------------------------------------------
