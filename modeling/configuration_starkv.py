@@ -23,8 +23,9 @@ class StarKVConfig(LlamaConfig):
         kv_k_ranks (`list[list[int] | None]`, *optional*): per layer, the key rank of each KV head.
         kv_v_ranks (`list[int | None]`, *optional*): per layer, the joint value rank.
         kv_quant (`dict`, *optional*): quantized latents: `{"group": g, "k_n8": [[...] | None per layer],
-            "v_n8": [int | None per layer]}`, the number of leading channels of each block kept in 8 bits (the rest
-            in 4), with fp16 scales per token and group of g channels. None caches the latents in the model dtype.
+            "v_n8": [int | None per layer], "align": a}`, the number of leading channels of each block kept in 8 bits
+            (the rest in 4), with fp16 scales per token and group of g channels, in cache rows whose blocks start at
+            multiples of a bytes (default 4). None caches the latents in the model dtype.
     """
 
     model_type = "starkv"
@@ -73,6 +74,8 @@ class StarKVConfig(LlamaConfig):
             if not 1 <= v_rank <= max_v:
                 raise ValueError(f"layer {i}: kv_v_ranks {v_rank} must be in [1, {max_v}]")
             if self.kv_quant is not None:
+                if self.kv_quant.get("align", 4) not in (1, 2, 4, 8, 16):
+                    raise ValueError(f"kv_quant align {self.kv_quant['align']} must be 1, 2, 4, 8 or 16 bytes")
                 k_n8, v_n8 = self.kv_quant["k_n8"][i], self.kv_quant["v_n8"][i]
                 if len(k_n8) != n_kv or not all(0 <= a <= r for a, r in zip(k_n8, k_ranks)) or not 0 <= v_n8 <= v_rank:
                     raise ValueError(f"layer {i}: kv_quant 8-bit channels {k_n8}, {v_n8} do not fit its ranks")

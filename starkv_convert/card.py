@@ -180,7 +180,8 @@ def _quantization_section(report: dict[str, Any]) -> str:
 
 The cache stores each block's latents (one KV head's keys, or one layer's values) as int8 codes for its leading
 channels (largest singular values first) and packed int4 codes for the rest, with one fp16 scale per token and group of
-{q["group"]} channels. Split: {split}.
+{q["group"]} channels; each block's codes start at a multiple of {q.get("row_align", 1)} bytes of the cache row (the
+decode kernel then reads them in whole words). Split: {split}.
 
 | | all blocks | keys | values | per block (min to max) |
 |---|---|---|---|---|

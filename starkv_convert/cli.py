@@ -122,6 +122,14 @@ def convert_parser() -> argparse.ArgumentParser:
         help="with --kv-bits auto: keys and values each keep mixed's bytes of their side (side, default; measured "
         "better on SmolLM2), or mixed's bytes shared by all blocks (model)",
     )
+    p.add_argument(
+        "--kv-row-align",
+        type=int,
+        choices=[1, 2, 4, 8, 16],
+        help="quantized latents: each block's codes in a cache row start at a multiple of this many bytes (default "
+        "4: the decode kernel reads whole words, 1.7x faster decode on the H100; 1: the most compact rows, a few "
+        "percent smaller on small ranks)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the validated checkpoint to the Hub")
     p.add_argument("--private", action="store_true", help="make the Hub repository private")
@@ -158,6 +166,7 @@ def convert_main(argv: list[str] | None = None) -> int:
         kv_8bit_share=args.kv_8bit_share,
         kv_auto_blocks=args.kv_auto_blocks,
         kv_auto_budget=args.kv_auto_budget,
+        kv_row_align=args.kv_row_align,
         learn=learn,
         resume=args.resume,
         overwrite=args.overwrite,

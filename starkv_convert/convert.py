@@ -83,6 +83,7 @@ class ConvertOptions:
     kv_8bit_share: float = 0.25  # "mixed": the leading share of each block's channels in 8 bits; "auto": its bytes
     kv_auto_blocks: int | None = None  # "auto": calibration blocks measured (None: quant_split.DEFAULT_BLOCKS)
     kv_auto_budget: str | None = None  # "auto": mixed's bytes pooled over the "model" (None) or per "side"
+    kv_row_align: int | None = None  # quantized: cache rows' alignment in bytes (None: latent_quant.ROW_ALIGN, 4)
     learn: LearnOptions = field(default_factory=LearnOptions)
     resume: bool = False
     overwrite: bool = False
@@ -125,6 +126,10 @@ def check_options(options: ConvertOptions) -> None:
             raise StarKVError(f"{flag} applies with --kv-bits auto: add it, or drop {flag}")
     if options.kv_auto_budget not in (None, *AUTO_BUDGETS):
         raise StarKVError(f"--kv-auto-budget {options.kv_auto_budget!r}: use {' or '.join(AUTO_BUDGETS)}")
+    if options.kv_row_align is not None and options.kv_bits == "16":
+        raise StarKVError("--kv-row-align applies to quantized latents: add --kv-bits 8, 4, mixed or auto")
+    if options.kv_row_align not in (None, 1, 2, 4, 8, 16):
+        raise StarKVError(f"--kv-row-align {options.kv_row_align}: use 1, 2, 4, 8 or 16 (bytes)")
     if options.kv_auto_blocks is not None and options.kv_auto_blocks < 1:
         raise StarKVError(f"--kv-auto-blocks must be >= 1, got {options.kv_auto_blocks}")
     if options.resume and options.method != "learned":
@@ -222,7 +227,9 @@ def choose_quantization(
         errors = measure_split_errors(probe, blocks, batch_size=options.batch_size, progress=options.progress)
         del probe
     pool = options.kv_auto_budget or AUTO_BUDGETS[0]
-    kv_quant = quantization_plan(plan, options.kv_bits, options.kv_8bit_share, errors=errors, auto_budget=pool)
+    kv_quant = quantization_plan(
+        plan, options.kv_bits, options.kv_8bit_share, errors=errors, auto_budget=pool, align=options.kv_row_align
+    )
     summary = split_summary(plan, kv_quant, options.kv_bits, options.kv_8bit_share, errors, pool)
     if errors is not None:
         error = summary["relative_error"]

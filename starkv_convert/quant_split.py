@@ -173,12 +173,17 @@ def choose_split(errors: list[torch.Tensor], budget: int, group: int = 32, step:
 
 def latent_bytes(plan: RankPlan, kv_quant: dict) -> int:
     """Bytes per token of the quantized latents of every compressed layer: what the cache rows hold, alignment too."""
-    codec, group = _quant().LatentCodec, kv_quant["group"]
+    codec, group, align = _quant().LatentCodec, kv_quant["group"], row_align(kv_quant)
     total = 0
     for k, v, k_n8, v_n8 in zip(plan.k, plan.v, kv_quant["k_n8"], kv_quant["v_n8"]):
         if k is not None:
-            total += codec(k, k_n8, group).bytes_per_token + codec([v], [v_n8], group).bytes_per_token
+            total += codec(k, k_n8, group, align).bytes_per_token + codec([v], [v_n8], group, align).bytes_per_token
     return total
+
+
+def row_align(kv_quant: dict) -> int:
+    """The cache rows' alignment of a `kv_quant` (bytes)."""
+    return kv_quant.get("align", _quant().ROW_ALIGN)
 
 
 def flat_n8(plan: RankPlan, kv_quant: dict) -> list[int]:
@@ -187,41 +192,42 @@ def flat_n8(plan: RankPlan, kv_quant: dict) -> list[int]:
     return [n for k, k_n8, v_n8 in blocks if k is not None for n in k_n8 + [v_n8]]
 
 
-def nested_n8(plan: RankPlan, n8: list[int], group: int) -> dict:
+def nested_n8(plan: RankPlan, n8: list[int], group: int, align: int) -> dict:
     """The config's `kv_quant` from the n8 of every block in `SplitErrors` order (the inverse of `flat_n8`)."""
     chosen, k_n8, v_n8 = iter(n8), [], []
     for k in plan.k:
         k_n8.append(None if k is None else [next(chosen) for _ in k])
         v_n8.append(None if k is None else next(chosen))
-    return {"group": group, "k_n8": k_n8, "v_n8": v_n8}
+    return {"group": group, "k_n8": k_n8, "v_n8": v_n8, "align": align}
 
 
 def auto_quantization_plan(
-    plan: RankPlan, errors: SplitErrors, share: float, group: int = 32, budget: str = "model"
+    plan: RankPlan, errors: SplitErrors, share: float, group: int = 32, budget: str = "model", align: int = 4
 ) -> dict:
     """
     The config's `kv_quant` of `--kv-bits auto`: the splits of `choose_split` at the bytes per token that
     `--kv-bits mixed` with the same `share` takes, so auto replaces mixed at equal memory (each side's rows may round
     up by 2 bytes more: the row length is a multiple of the codec's alignment). `budget` "model": all
     blocks draw on mixed's bytes together (keys and values trade bytes by their relative errors); "side": the keys
-    get mixed's key bytes and the values mixed's value bytes, each chosen among their own blocks.
+    get mixed's key bytes and the values mixed's value bytes, each chosen among their own blocks. `align`: the rows'
+    alignment (8-bit parts in whole multiples of it, see `choose_split`).
     """
     ranks = [r for k, v in zip(plan.k, plan.v) if k is not None for r in k + [v]]
     if ranks != errors.ranks:
         raise StarKVError(f"measured split errors for ranks {errors.ranks} do not fit the plan's {ranks}")
     if budget not in AUTO_BUDGETS:
         raise StarKVError(f"--kv-auto-budget {budget!r}: use {' or '.join(AUTO_BUDGETS)}")
-    size, mixed = _quant().quantized_bytes_per_token, flat_n8(plan, quantization_plan(plan, "mixed", share, group))
+    mixed_plan = quantization_plan(plan, "mixed", share, group, align=align)
+    size, mixed = _quant().quantized_bytes_per_token, flat_n8(plan, mixed_plan)
     pools = [list(range(len(ranks)))]
     if budget == "side":
         pools = [[b for b, s in enumerate(errors.sides) if s == side] for side in "kv"]
     n8 = [0] * len(ranks)
     for blocks in pools:
-        step = _quant().ROW_ALIGN  # 8-bit parts in whole words: the 4-bit codes after them stay word-aligned
-        bytes_ = sum(size(ranks[b], mixed[b], group, step) for b in blocks)
-        for b, n in zip(blocks, choose_split([errors.errors[b] for b in blocks], bytes_, group, step)):
+        bytes_ = sum(size(ranks[b], mixed[b], group, align) for b in blocks)
+        for b, n in zip(blocks, choose_split([errors.errors[b] for b in blocks], bytes_, group, align)):
             n8[b] = n
-    return nested_n8(plan, n8, group)
+    return nested_n8(plan, n8, group, align)
 
 
 def split_summary(
@@ -246,6 +252,7 @@ def split_summary(
     summary = {
         "method": bits,
         "group": kv_quant["group"],
+        "row_align": row_align(kv_quant),
         "latent_bytes_per_token": latent_bytes(plan, kv_quant),
         "share_8bit": sum(n8) / sum(ranks),
         "k_share_8bit": sum(sides["k"][1]) / sum(sides["k"][0]),
@@ -256,7 +263,7 @@ def split_summary(
         "v_n8": kv_quant["v_n8"],
     }
     if bits == "auto":
-        mixed = quantization_plan(plan, "mixed", share, kv_quant["group"])
+        mixed = quantization_plan(plan, "mixed", share, kv_quant["group"], align=row_align(kv_quant))
         summary["budget"] = {
             "kv_8bit_share": share,
             "mixed_latent_bytes_per_token": latent_bytes(plan, mixed),

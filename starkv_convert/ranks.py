@@ -183,13 +183,17 @@ def quantization_plan(
     group: int = 32,
     errors: "SplitErrors | None" = None,
     auto_budget: str = "model",
+    align: int | None = None,
 ) -> dict | None:
     """
     The config's `kv_quant` for `--kv-bits`: "16" none, "8" every channel in 8 bits, "4" every channel in 4 bits,
     "mixed" the leading `share` of each block's channels (largest singular values) in 8 bits and the rest in 4,
     "auto" a split per block chosen from `errors` (`quant_split.SplitErrors`) at mixed's bytes per token, pooled
-    over the model or per side (`auto_budget`, see `quant_split.auto_quantization_plan`).
+    over the model or per side (`auto_budget`, see `quant_split.auto_quantization_plan`). `align`: the cache rows'
+    alignment in bytes (default `latent_quant.ROW_ALIGN`); mixed and auto keep 8-bit parts of whole multiples of it
+    (or whole blocks), so each block's 4-bit codes start aligned too and the decode kernel reads them in words.
     """
+    align = align or import_remote("latent_quant").ROW_ALIGN
     if bits == "16":
         return None
     if bits == "auto":
@@ -197,18 +201,18 @@ def quantization_plan(
 
         if errors is None:
             raise ValueError("--kv-bits auto chooses its split from measured errors: pass errors")
-        return auto_quantization_plan(plan, errors, share, group, auto_budget)
+        return auto_quantization_plan(plan, errors, share, group, auto_budget, align)
     fraction = {"8": 1.0, "4": 0.0, "mixed": share}[bits]
-    step = import_remote("latent_quant").ROW_ALIGN  # n8 in steps of the rows' alignment: word-aligned 4-bit codes
 
     def n8(rank: int) -> int:
-        aligned = round(fraction * rank / step) * step
+        aligned = round(fraction * rank / align) * align
         return rank if fraction == 1.0 or aligned >= rank else aligned
 
     return {
         "group": group,
         "k_n8": [None if k is None else [n8(r) for r in k] for k in plan.k],
         "v_n8": [None if v is None else n8(v) for v in plan.v],
+        "align": align,
     }
 
 

@@ -371,12 +371,15 @@ def test_model_decodes_the_same_through_the_kernel(monkeypatch, family, converte
     check_generate_paths(monkeypatch, model, tokenizer, 1e-3)
 
 
-@pytest.mark.parametrize("family, bits", [("llama3", "mixed"), ("qwen3", "4")])
-def test_quantized_model_decodes_the_same_through_the_kernel(monkeypatch, family, bits, converted, tokenizer):
-    """With --kv-bits the cache holds uint8 rows; the kernel dequantizes them as the PyTorch path does."""
+@pytest.mark.parametrize(
+    "family, bits, align", [("llama3", "mixed", None), ("qwen3", "4", None), ("qwen2", "mixed", 1)]
+)
+def test_quantized_model_decodes_the_same_through_the_kernel(monkeypatch, family, bits, align, converted, tokenizer):
+    """With --kv-bits the cache holds uint8 rows (word-aligned by default, or compact); the kernel dequantizes them as
+    the PyTorch path does."""
     from transformers import AutoModelForCausalLM
 
-    folder = converted(family, kv_ratio=0.5, kv_bits=bits)
+    folder = converted(family, kv_ratio=0.5, kv_bits=bits, **({"kv_row_align": align} if align else {}))
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     check_generate_paths(monkeypatch, model, tokenizer, 1e-3)
 

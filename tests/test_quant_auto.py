@@ -247,6 +247,7 @@ def test_cli_auto_conversion(tmp_path, base_dir, corpus):
         (["--kv-bits", "mixed", "--kv-auto-blocks", "2"], "--kv-auto-blocks applies with --kv-bits auto"),
         (["--kv-bits", "auto", "--kv-8bit-share", "1.5"], "--kv-8bit-share must be in [0, 1]"),
         (["--kv-bits", "8", "--kv-auto-budget", "side"], "--kv-auto-budget applies with --kv-bits auto"),
+        (["--kv-row-align", "4"], "--kv-row-align applies to quantized latents"),
     ],
 )
 def test_bad_auto_options(capsys, tmp_path, base_dir, args, expected):

@@ -18,21 +18,24 @@ def _load(folder):
     return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("bits", ["8", "4", "mixed"])
-def test_cache_bytes_are_the_quantized_rows(converted, bits):
-    folder = converted("qwen2", kv_ratio=0.5, kv_bits=bits)
+@pytest.mark.parametrize("bits, align", [("8", None), ("4", None), ("mixed", None), ("mixed", 1)])
+def test_cache_bytes_are_the_quantized_rows(converted, bits, align):
+    folder = converted("qwen2", kv_ratio=0.5, kv_bits=bits, **({"kv_row_align": align} if align else {}))
     model = _load(folder)
     config = model.config
+    assert config.kv_quant["align"] == (align or quant.ROW_ALIGN)
     expected = parts = 4  # the int32 position of each token
     for i in range(config.num_hidden_layers):
         k_n8, v_n8 = config.kv_quant["k_n8"][i], config.kv_quant["v_n8"][i]
         group, k_ranks, v_rank = config.kv_quant["group"], config.kv_k_ranks[i], config.kv_v_ranks[i]
-        expected += quant.LatentCodec(k_ranks, k_n8, group).bytes_per_token
-        expected += quant.LatentCodec([v_rank], [v_n8], group).bytes_per_token
+        expected += quant.LatentCodec(k_ranks, k_n8, group, config.kv_quant["align"]).bytes_per_token
+        expected += quant.LatentCodec([v_rank], [v_n8], group, config.kv_quant["align"]).bytes_per_token
         parts += sum(quant.quantized_bytes_per_token(r, a, group) for r, a in zip(k_ranks, k_n8))
         parts += quant.quantized_bytes_per_token(v_rank, v_n8, group)
-    # the rows' alignment costs at most 3 bytes per block and 3 per row
-    assert parts <= expected <= parts + 3 * sum(len(k) + 3 for k in config.kv_k_ranks if k is not None)
+    # the rows' alignment costs at most 3 bytes per block and 3 per row; compact rows at most 1 per row (the scales
+    # are 2-byte aligned)
+    rows = [k for k in config.kv_k_ranks if k is not None]
+    assert parts <= expected <= parts + (3 * sum(len(k) + 3 for k in rows) if align is None else 2 * len(rows))
     ids = torch.randint(1, 300, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
