@@ -658,7 +658,7 @@ if triton is not None:
 DEFAULT_CONFIG = {
     "block_tokens": 64,  # cached tokens per tile (both passes)
     "value_block": "auto",  # value-latent columns per program of the values pass: auto = an eighth of the rank (a
-    # quarter if quantized), 32..128
+    # quarter if quantized, from batch 8), 32..128
     "scores_programs_per_sm": 8,  # context splits give each pass about this many programs per multiprocessor
     "values_programs_per_sm": 4,  # (more splits for the values pass would make the merge longer)
     "scores_splits": 0,  # context splits of the scores pass, or 0: chosen as below
@@ -838,8 +838,10 @@ def latent_decode_attention(
     exact = query.dtype == torch.float32
 
     if value_block == "auto":  # measured best on the H100: eight programs per sequence and split for 16-bit latents,
-        # four for quantized ones (GQA 4-bit, B16 32K: 0.216 -> 0.172 ms; each program re-reads the scores)
-        value_block = min(128, max(32, triton.next_power_of_2(max(1, v_rank // (4 if quant else 8)))))
+        # four for quantized ones from batch 8 (GQA 4-bit, B16 32K: values pass 0.216 -> 0.172 ms, as each program
+        # re-reads the scores; at batch 1 eight stay faster: 0.014 against 0.015 ms)
+        per_program = 4 if quant and batch >= 8 else 8
+        value_block = min(128, max(32, triton.next_power_of_2(max(1, v_rank // per_program))))
     values_warps = cfg["values_warps"] if cfg["values_warps"] != "auto" else (8 if value_block >= 128 else 4)
     tiles = triton.cdiv(tokens, block_tokens)
     precision = "ieee" if exact else "tf32"
