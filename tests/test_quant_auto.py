@@ -226,8 +226,10 @@ def test_cli_auto_conversion(tmp_path, base_dir, corpus):
     config = json.loads((out / "config.json").read_text())
     plan = RankPlan(k=config["kv_k_ranks"], v=config["kv_v_ranks"])
     auto, mixed = config["kv_quant"], quantization_plan(plan, "mixed", 0.25)
-    assert set(auto) == {"group", "k_n8", "v_n8"} and auto["group"] == 32
-    shares = [n / r for n, r in zip(flat_n8(plan, auto), flat_n8(plan, quantization_plan(plan, "8", 0)))]
+    assert set(auto) == {"group", "k_n8", "v_n8", "align"} and auto["group"] == 32 and auto["align"] == quant.ROW_ALIGN
+    whole = flat_n8(plan, quantization_plan(plan, "8", 0))  # every block's rank
+    assert all(n % quant.ROW_ALIGN == 0 or n == r for n, r in zip(flat_n8(plan, auto), whole))  # aligned 4-bit codes
+    shares = [n / r for n, r in zip(flat_n8(plan, auto), whole)]
     assert len(set(shares)) > 1 and flat_n8(plan, auto) != flat_n8(plan, mixed)  # ragged, and not mixed's split
     report = _report(out)
     assert report["validation"]["passed"] and report["budget"]["kv_bits"] == "auto"
