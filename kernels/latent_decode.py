@@ -195,7 +195,7 @@ if triton is not None:
         if HAS4:
             # (a block of 8 bits only reads none, from an aligned address all the same: masked copies still need one)
             start4 = tl.multiple_of(tl.where(n8 == rank, 0, n8), ALIGN)
-            b4 = start4 + (groups - groups8) * HG + tl.arange(0, HG)
+            b4 = start4 + tl.maximum(groups - groups8, 0) * HG + tl.arange(0, HG)  # 8-bit groups: masked, in bounds
             end4 = tl.where(is8, 0, tl.where(n8 == rank, 0, size))
             raw4 = tl.load(ROWS + at + b4, mask=tok_ok & (b4 < end4), other=0).to(tl.int32)
             if HAS8:
@@ -769,7 +769,8 @@ def _codec_flags(codec, rows: torch.Tensor) -> dict:
     """
     The kernels' HAS8 / HAS4 (whether 8-bit / 4-bit groups occur) and ALIGN: the largest power of two up to 16
     bytes that divides the rows' strides and offset, every block's first code byte and padded code bytes, and the
-    n8 of every block with 4-bit codes, so that the codes are read in whole words.
+    n8 of every block with 4-bit codes, so that the codes are read in whole words. (The storage itself is taken to
+    start 16-byte aligned, as torch's allocators give.)
     """
     has4 = any(a < r for a, r in zip(codec.n8, codec.ranks))
     values = [rows.stride(0), rows.stride(1), rows.storage_offset(), *codec.code_offsets, *_padded_code_bytes(codec)]
@@ -827,6 +828,9 @@ def latent_decode_attention(
     key_latents = key_latents if key_latents.stride(-1) == 1 else key_latents.contiguous()
     value_latents = value_latents if value_latents.stride(-1) == 1 else value_latents.contiguous()
     if quant:
+        for rows in (key_latents, value_latents):  # the fp16 scales are loaded as such
+            if rows.storage_offset() % 2 or any(stride % 2 for stride in rows.stride()[:-1]):
+                raise ValueError("quantized latent rows must start at an even byte with even strides (whole rows)")
         k_flags, v_flags = _codec_flags(k_codec, key_latents), _codec_flags(v_codec, value_latents)
     query = query.contiguous()
     ranks, offsets = _rank_tables(k_ranks, device)

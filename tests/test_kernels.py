@@ -285,6 +285,10 @@ QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
     (2, [32, 16], [32, 16], 64, 64, 32, {"bias": True}),
     (4, [38, 40], [8, 16], 96, 32, 32, {"pad": 5}),
     (4, [38, 37], [8, 37], 64, 0, 32, {}),  # beside them a head of 8 bits only, of odd rank
+    # rows aligned to 8 and 16 bytes; rows inside a larger cache (a slice: 2-byte aligned offset and row stride)
+    (2, [40, 24], [8, 0], 72, 8, 32, {"align": 8}),
+    (4, [48, 32], [16, 32], 128, 32, 32, {"align": 16, "bias": True}),
+    (4, [38, 40], [8, 16], 96, 32, 32, {"pad": 3, "embedded": True}),
 ]
 
 
@@ -298,6 +302,84 @@ def test_quantized_latents(poisoned, dtype, groups, k_ranks, k_n8, v_rank, v_n8,
     check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras)
 
 
+def _embedded(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` as a slice of a larger cache: 3 tokens and 2 bytes in, rows 6 bytes longer (the kernel's ALIGN is 2)."""
+    batch, tokens, length = rows.shape
+    cache = torch.zeros(batch, tokens + 3, length + 6, dtype=torch.uint8, device=rows.device)
+    view = cache[:, 3:, 2 : 2 + length]
+    view.copy_(rows)
+    assert (
+        view.storage_offset() > 0 and kernels._codec_flags(latent_quant.LatentCodec([8], [0], 32), view)["ALIGN"] == 2
+    )
+    return view
+
+
+@pytest.fixture
+def stray_reads(monkeypatch):
+    """
+    Under the interpreter: guard zones (byte address ranges) and every active lane of the kernels' loads that reads
+    in one. On a GPU such a read is out of bounds even where its value is then discarded.
+    """
+    if DEVICE != "cpu":
+        pytest.skip("loads are traced under TRITON_INTERPRET only")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if not hasattr(builder, "create_masked_load"):
+        pytest.skip("this triton's interpreter has no create_masked_load to trace")
+    zones, hits = [], []
+    original = builder.create_masked_load
+
+    def traced(self, ptrs, mask, *args):
+        addresses = np.asarray(ptrs.data)
+        active = addresses[np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)]
+        for lo, hi in zones:
+            hits.extend(int(a) - lo for a in active[(active >= lo) & (active < hi)])
+        return original(self, ptrs, mask, *args)
+
+    monkeypatch.setattr(builder, "create_masked_load", traced)
+    return zones, hits
+
+
+@pytest.mark.parametrize(
+    "k_ranks, k_n8, v_rank, v_n8",
+    [
+        ([38, 37], [8, 37], 64, 0),  # a head of 8 bits only beside one with 4-bit codes
+        ([38, 40], [8, 16], 96, 32),  # fewer 8-bit channels than half a group
+        ([32, 32], [32, 0], 64, 64),
+        ([32, 32], [16, 16], 64, 4),
+    ],
+)
+def test_quantized_reads_stay_inside_the_rows(stray_reads, k_ranks, k_n8, v_rank, v_n8):
+    """No active lane of the kernel's loads reads the 64 bytes before or after the rows (they sit in a guarded
+    buffer): masks must switch off lanes that point outside, not only discard what they read."""
+    zones, hits = stray_reads
+    guard = 64  # (keeps every alignment of the rows)
+
+    def guarded(rows):
+        buffer = torch.full((rows.numel() + 2 * guard,), 0xAB, dtype=torch.uint8)
+        view = buffer[guard : guard + rows.numel()].view(rows.shape)
+        view.copy_(rows)
+        start, end = view.data_ptr(), view.data_ptr() + rows.numel()
+        zones.extend([(start - guard, start), (end, end + guard)])
+        return view
+
+    check_quantized(torch.float32, 4, k_ranks, k_n8, v_rank, v_n8, 32, {}, place=guarded)
+    assert len(zones) == 4 and not hits, f"reads at {sorted(set(hits))[:8]} bytes from a guard zone's start"
+
+
+def test_quantized_rows_at_odd_bytes_are_refused():
+    """The kernel loads the fp16 scales as such: rows must start at an even byte and have even strides."""
+    case = cast(make_case(1, 8, 1, 2, 64, [32], 32), torch.float32)
+    codecs = (latent_quant.LatentCodec([32], [0], 32), latent_quant.LatentCodec([32], [0], 32))
+    keys, values = (codec.encode(case[name]) for codec, name in zip(codecs, ("key_latents", "value_latents")))
+    odd = torch.zeros(keys.numel() + 1, dtype=torch.uint8)[1:].view(keys.shape)
+    odd.copy_(keys)
+    with pytest.raises(ValueError, match="even byte"):
+        kernels.latent_decode_attention(**dict(case, key_latents=odd, value_latents=values), codecs=codecs)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [1, 3])
 def test_quantized_values_dequantized_per_value(poisoned, dtype, case):
@@ -305,11 +387,21 @@ def test_quantized_values_dequantized_per_value(poisoned, dtype, case):
     check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"grouped_values": False})
 
 
-def check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=None):
+def check_quantized(dtype, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=None, place=None):
+    """
+    The kernel on the codecs' rows against the reference on the decoded rows. extras: make_case's, plus "align" (the
+    codecs') and "embedded" (the rows as a slice of a larger cache); `place` puts each rows tensor where it is read.
+    """
+    extras = dict(extras)
+    align, embedded = extras.pop("align", latent_quant.ROW_ALIGN), extras.pop("embedded", False)
     case = make_case(2, 101, len(k_ranks), groups, 64, k_ranks, v_rank, seed=20 + groups, **extras)
-    codecs = (latent_quant.LatentCodec(k_ranks, k_n8, group), latent_quant.LatentCodec([v_rank], [v_n8], group))
+    codecs = tuple(
+        latent_quant.LatentCodec(ranks, n8, group, align) for ranks, n8 in ((k_ranks, k_n8), ([v_rank], [v_n8]))
+    )
     inputs = cast(case, dtype)
     rows = [codec.encode(inputs[name]) for codec, name in zip(codecs, ("key_latents", "value_latents"))]
+    rows = [_embedded(r) if embedded else r for r in rows]
+    rows = [place(r) if place else r for r in rows]
     decoded = [codec.decode(r.cpu(), torch.float64) for codec, r in zip(codecs, rows)]
     expected = kernels.latent_decode_reference(
         **dict(cast(case, torch.float64), key_latents=decoded[0].to(DEVICE), value_latents=decoded[1].to(DEVICE))
