@@ -68,14 +68,18 @@ def latent_inputs(kv_heads: int, batch: int, tokens: int, generator: torch.Gener
     )
 
 
-def quantize_inputs(inputs: dict) -> dict:
-    """The inputs with their latents stored as the codecs' uint8 rows (EIGHT_BIT share of channels in 8 bits)."""
+def latent_codecs(k_ranks: list[int], v_rank: int) -> tuple:
+    """The (key, value) codecs of the quantized setting: EIGHT_BIT share of channels in 8 bits, default row layout."""
     quant = import_remote("latent_quant")
-    k_ranks, v_rank = inputs["k_ranks"], inputs["value_latents"].shape[-1]
-    codecs = (
+    return (
         quant.LatentCodec(k_ranks, [round(EIGHT_BIT * r) for r in k_ranks], 32),
         quant.LatentCodec([v_rank], [round(EIGHT_BIT * v_rank)], 32),
     )
+
+
+def quantize_inputs(inputs: dict) -> dict:
+    """The inputs with their latents stored as the codecs' uint8 rows."""
+    codecs = latent_codecs(inputs["k_ranks"], inputs["value_latents"].shape[-1])
     rows = [c.encode(inputs[n]) for c, n in zip(codecs, ("key_latents", "value_latents"))]
     return dict(inputs, key_latents=rows[0], value_latents=rows[1], codecs=codecs)
 
@@ -86,11 +90,8 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     full_bytes = 2 * batch * kv_heads * tokens * d * 2
     latent_values = kv_heads * K_RANK + kv_heads * V_PER_HEAD
     latent_bytes = batch * tokens * latent_values * 2
-    if EIGHT_BIT is not None:
-        quant = import_remote("latent_quant")
-        v_rank = kv_heads * V_PER_HEAD
-        per_token = kv_heads * quant.quantized_bytes_per_token(K_RANK, round(EIGHT_BIT * K_RANK), 32)
-        per_token += quant.quantized_bytes_per_token(v_rank, round(EIGHT_BIT * v_rank), 32)
+    if EIGHT_BIT is not None:  # the rows as cached (codes, scales and any alignment padding)
+        per_token = sum(codec.bytes_per_token for codec in latent_codecs([K_RANK] * kv_heads, kv_heads * V_PER_HEAD))
         latent_bytes = batch * tokens * per_token
 
     query = torch.randn(batch, heads, d, generator=g, device="cuda", dtype=torch.bfloat16)

@@ -146,13 +146,14 @@ def _alloc(*shape: int, device: torch.device) -> torch.Tensor:
     return torch.empty(*shape, dtype=torch.uint8, device=device)
 
 
-_BLOCK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_BLOCK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
-def _block_tables(codec: LatentCodec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_tables(codec: LatentCodec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """
     int32 tables on `device`, made once per codec: (blocks, 5) each block's rank, 8-bit channels, first column in z,
-    first code byte and first scale byte in the row; and the row's padding bytes (-1 filling a power of two).
+    first code byte and first scale byte in the row; the row's padding bytes (-1 filling a power of two); and the
+    length of that table, or 0 where the row has no padding.
     """
     key = (tuple(codec.ranks), tuple(codec.n8), codec.group, codec.align, str(device))
     if key not in _BLOCK_TABLES:
@@ -165,6 +166,7 @@ def _block_tables(codec: LatentCodec, device: torch.device) -> tuple[torch.Tenso
         _BLOCK_TABLES[key] = (
             torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 5),
             torch.tensor(pad or [-1], dtype=torch.int32, device=device),
+            len(pad),
         )
     return _BLOCK_TABLES[key]
 
@@ -194,11 +196,11 @@ def quantize_rows(z: torch.Tensor, codec: LatentCodec) -> torch.Tensor:
         groups = max(-(-n8 // codec.group) + -(-(r - n8) // codec.group) for r, n8 in zip(codec.ranks, codec.n8))
         tile_tokens = min(16, triton.next_power_of_2(tokens))
         tile_groups = min(triton.next_power_of_2(groups), max(1, PAIRS_PER_TILE // (tile_tokens * pairs)))
-        blocks, pad = _block_tables(codec, z.device)
+        blocks, pad, npad = _block_tables(codec, z.device)
         _quantize_kernel[(triton.cdiv(tokens, tile_tokens), len(codec.ranks))](
             flat, out, blocks, pad, tokens, flat.stride(0), out.stride(0),
             GROUP=codec.group, BT=tile_tokens, NG=tile_groups, HG=pairs, RECIPROCAL=z.device.type == "cuda",
-            NPAD=len(pad) if codec.padding() else 0,
+            NPAD=npad,
         )  # fmt: skip
     return out.view(*lead, row_bytes)
 

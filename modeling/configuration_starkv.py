@@ -74,8 +74,9 @@ class StarKVConfig(LlamaConfig):
             if not 1 <= v_rank <= max_v:
                 raise ValueError(f"layer {i}: kv_v_ranks {v_rank} must be in [1, {max_v}]")
             if self.kv_quant is not None:
-                if self.kv_quant.get("align", 4) not in (1, 2, 4, 8, 16):
-                    raise ValueError(f"kv_quant align {self.kv_quant['align']} must be 1, 2, 4, 8 or 16 bytes")
+                align = self.kv_quant.get("align", 1)  # (configs from before it: compact rows)
+                if isinstance(align, bool) or not isinstance(align, int) or align not in (1, 2, 4, 8, 16):
+                    raise ValueError(f"kv_quant align {align!r} must be the integer 1, 2, 4, 8 or 16 (bytes)")
                 k_n8, v_n8 = self.kv_quant["k_n8"][i], self.kv_quant["v_n8"][i]
                 if len(k_n8) != n_kv or not all(0 <= a <= r for a, r in zip(k_n8, k_ranks)) or not 0 <= v_n8 <= v_rank:
                     raise ValueError(f"layer {i}: kv_quant 8-bit channels {k_n8}, {v_n8} do not fit its ranks")

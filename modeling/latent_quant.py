@@ -40,6 +40,14 @@ def _round_up(n: int, multiple: int) -> int:
 ROW_ALIGN = 4  # bytes: where each block's codes start, and the row length (the decode kernel's loads then vectorize)
 
 
+def row_align(kv_quant: dict) -> int:
+    """
+    The cache rows' alignment (bytes) of a config's `kv_quant`: its "align", which conversions always write, or 1 for
+    configs from before the key existed (their cards state the bytes of compact rows).
+    """
+    return kv_quant.get("align", 1)
+
+
 def quantized_bytes_per_token(rank: int, n8: int, group: int, align: int = 1) -> int:
     """
     Bytes one token's latents of a block take: codes plus fp16 scales; with `align`, its codes padded to a multiple

@@ -33,7 +33,7 @@ from .cache_starkv import StarKVCache, StarKVStaticCache
 from .configuration_starkv import StarKVConfig
 from .latent_decode import latent_decode_attention, use_decode_kernel
 from .latent_ops import apply_rope, latent_attention, rebuild_keys, rebuild_values
-from .latent_quant import ROW_ALIGN, LatentCodec
+from .latent_quant import LatentCodec, row_align
 from .latent_quantize import encode_latents
 
 # Most bytes of keys and values a prefill chunk rebuilds at once (a slice of sequences; at least one). Small: SDPA on
@@ -86,7 +86,7 @@ class StarKVAttention(nn.Module):
             self.v_b_proj = nn.Linear(v_rank, kv_dim, bias=config.attention_bias)
             self.codecs = None  # quantized latents: stored as uint8 rows of codes and scales, attended dequantized
             if config.kv_quant is not None:
-                group, align = config.kv_quant["group"], config.kv_quant.get("align", ROW_ALIGN)
+                group, align = config.kv_quant["group"], row_align(config.kv_quant)
                 self.codecs = (
                     LatentCodec(k_ranks, config.kv_quant["k_n8"][layer_idx], group, align),
                     LatentCodec([v_rank], [config.kv_quant["v_n8"][layer_idx]], group, align),

@@ -182,8 +182,8 @@ def latent_bytes(plan: RankPlan, kv_quant: dict) -> int:
 
 
 def row_align(kv_quant: dict) -> int:
-    """The cache rows' alignment of a `kv_quant` (bytes)."""
-    return kv_quant.get("align", _quant().ROW_ALIGN)
+    """The cache rows' alignment of a `kv_quant` (bytes), as the checkpoint's model reads it."""
+    return _quant().row_align(kv_quant)
 
 
 def flat_n8(plan: RankPlan, kv_quant: dict) -> list[int]:
@@ -206,11 +206,11 @@ def auto_quantization_plan(
 ) -> dict:
     """
     The config's `kv_quant` of `--kv-bits auto`: the splits of `choose_split` at the bytes per token that
-    `--kv-bits mixed` with the same `share` takes, so auto replaces mixed at equal memory (each side's rows may round
-    up by 2 bytes more: the row length is a multiple of the codec's alignment). `budget` "model": all
-    blocks draw on mixed's bytes together (keys and values trade bytes by their relative errors); "side": the keys
-    get mixed's key bytes and the values mixed's value bytes, each chosen among their own blocks. `align`: the rows'
-    alignment (8-bit parts in whole multiples of it, see `choose_split`).
+    `--kv-bits mixed` with the same `share` takes, so auto replaces mixed at equal memory (each row may round up by
+    a few bytes more: its length is a multiple of the codec's alignment, so by at most align - 2 bytes, 2 at 4).
+    `budget` "model": all blocks draw on mixed's bytes together (keys and values trade bytes by their relative
+    errors); "side": the keys get mixed's key bytes and the values mixed's value bytes, each chosen among their own
+    blocks. `align`: the rows' alignment (8-bit parts in whole multiples of it, see `choose_split`).
     """
     ranks = [r for k, v in zip(plan.k, plan.v) if k is not None for r in k + [v]]
     if ranks != errors.ranks:

@@ -43,7 +43,7 @@ def _codec_bytes(config) -> int:
 
 def _block_bytes(plan: RankPlan, kv_quant: dict, side: str = "kv") -> int:
     """What `choose_split` budgets: the blocks' codes (padded to the rows' alignment) and scales, before each row
-    rounds its length up to that alignment (at most 2 bytes more a row)."""
+    rounds its length up to that alignment (at most align - 2 bytes more a row: 2 at the default 4)."""
     size, group, step, total = quant.quantized_bytes_per_token, kv_quant["group"], quant.ROW_ALIGN, 0
     for k, v, k_n8, v_n8 in zip(plan.k, plan.v, kv_quant["k_n8"], kv_quant["v_n8"]):
         if k is not None:

@@ -87,13 +87,40 @@ def test_generate_with_quantized_cache(base_dir, converted, tokenizer):
     assert beams.shape[0] == sampled.shape[0] == 2
 
 
-def test_bad_split_in_config_is_refused(converted, tmp_path):
+def _edited_copy(folder, tmp_path, edit):
+    """A copy of a converted checkpoint whose config's kv_quant went through `edit`."""
     import shutil
 
-    folder = tmp_path / "bad"
-    shutil.copytree(converted("llama", kv_ratio=0.5, kv_bits="mixed"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["kv_quant"]["k_n8"][0][0] = 10_000
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="kv_quant"):
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    edit(config["kv_quant"])
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda q: q["k_n8"][0].__setitem__(0, 10_000), "8-bit channels"),
+        (lambda q: q.__setitem__("align", 3), "align 3 must"),
+        (lambda q: q.__setitem__("align", 4.0), "align 4.0 must"),  # (4.0 == 4, but the rows need an integer)
+        (lambda q: q.__setitem__("align", True), "align True must"),
+    ],
+)
+def test_bad_split_in_config_is_refused(converted, tmp_path, edit, message):
+    folder = _edited_copy(converted("llama", kv_ratio=0.5, kv_bits="mixed"), tmp_path, edit)
+    with pytest.raises(ValueError, match=f"kv_quant.*{message}"):
         _load(folder)
+
+
+def test_config_without_align_reads_compact_rows(converted, tmp_path):
+    """A config from before kv_quant had "align" gets compact rows (what its card's bytes counted), not the default."""
+    folder = _edited_copy(converted("llama", kv_ratio=0.5, kv_bits="mixed"), tmp_path, lambda q: q.pop("align"))
+    model = _load(folder)
+    codecs = [layer.self_attn.codecs for layer in model.model.layers if layer.self_attn.codecs is not None]
+    assert codecs and all(codec.align == 1 for pair in codecs for codec in pair)
+    ids = torch.randint(1, 300, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        aligned = _load(converted("llama", kv_ratio=0.5, kv_bits="mixed"))(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, aligned, atol=1e-5)  # the layout changes, not the values
