@@ -20,6 +20,67 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, make_base_model  # noqa: E402
 
 
+class Guards:
+    """
+    Guard zones around tensors, and the kernel accesses that touch them: `guards(tensor)` returns a copy of `tensor`
+    inside a buffer with `size` guard bytes on each side (the copy keeps 64-byte alignment); `hits` lists (zone,
+    offset in the zone) for every active lane of a kernel load or store that reached a zone.
+    """
+
+    def __init__(self, size: int = 64):
+        self.size, self.zones, self.hits = size, [], []
+
+    def __call__(self, tensor: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        buffer = torch.zeros(nbytes + 2 * self.size, dtype=torch.uint8, device=tensor.device)
+        copy = buffer[self.size : self.size + nbytes].view(tensor.dtype).view(tensor.shape)
+        copy.copy_(tensor)
+        start = copy.data_ptr()
+        self.zones += [
+            (f"before {name}", start - self.size, start),
+            (f"after {name}", start + nbytes, start + nbytes + self.size),
+        ]
+        return copy
+
+    def record(self, addresses, mask) -> None:
+        import numpy as np
+
+        addresses = np.asarray(addresses)
+        active = addresses[np.broadcast_to(np.asarray(mask, dtype=bool), addresses.shape)]
+        for name, lo, hi in self.zones:
+            self.hits += [(name, int(a) - lo) for a in active[(active >= lo) & (active < hi)][:4]]
+
+
+@pytest.fixture
+def guards(monkeypatch) -> Guards:
+    """
+    Under TRITON_INTERPRET (CPU): every masked load and store of the kernels is traced against guard zones. On a GPU
+    an access outside a tensor is out of bounds even where a mask later discards its value; the interpreter would not
+    notice it otherwise.
+    """
+    if torch.cuda.is_available():
+        pytest.skip("accesses are traced under TRITON_INTERPRET only")
+    from triton.runtime import interpreter
+
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if not all(hasattr(builder, f"create_masked_{op}") for op in ("load", "store")):
+        pytest.skip("this triton's interpreter has no create_masked_load/store to trace")
+    guards = Guards()
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def traced_load(self, ptrs, mask, *args):
+        guards.record(ptrs.data, mask.data)
+        return load(self, ptrs, mask, *args)
+
+    def traced_store(self, ptrs, value, mask, *args):
+        guards.record(ptrs.data, mask.data)
+        return store(self, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(builder, "create_masked_load", traced_load)
+    monkeypatch.setattr(builder, "create_masked_store", traced_store)
+    return guards
+
+
 @pytest.fixture(scope="session")
 def record_caches() -> Callable[[torch.nn.Module], list]:
     """Makes `model.generate()` append each cache it prepares to the list returned (to inspect it afterwards)."""

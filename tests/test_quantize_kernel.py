@@ -104,3 +104,13 @@ def test_switch(monkeypatch):
     assert kernels.use_quantize_kernel(torch.device("cpu"))
     monkeypatch.delenv("STARKV_DECODE_KERNEL")
     assert kernels.use_quantize_kernel(torch.device(DEVICE)) == (DEVICE == "cuda")
+
+
+@pytest.mark.parametrize("ranks, n8, align", [([38, 37], [8, 37], 4), ([13, 38, 5], [0, 10, 5], 1), ([32], [0], 16)])
+def test_accesses_stay_inside_latents_and_rows(guards, monkeypatch, ranks, n8, align):
+    """The latents read and the rows written sit between guard zones that no load or store touches."""
+    codec = quant.LatentCodec(ranks, n8, 32, align)
+    z = guards(latents((3, 17), ranks, torch.float32, seed=5), "latents")
+    monkeypatch.setattr(kernels, "_alloc", lambda *shape, device: guards(torch.zeros(shape, dtype=torch.uint8), "rows"))
+    check(z, codec)
+    assert len(guards.zones) == 4 and not guards.hits, guards.hits[:8]
