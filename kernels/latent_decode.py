@@ -687,8 +687,21 @@ def _alloc(*shape: int, device: torch.device, dtype: torch.dtype = torch.float32
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+    """The smallest power of two >= n (>= 1), as triton.next_power_of_2 computes it, without its per-call wrapper cost
+    (host code runs once per layer and decode step)."""
+    n = max(n, 1) - 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        n |= n >> shift
+    return n + 1
+
+
 def _next_pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
+    return max(minimum, _pow2_at_least(n))
 
 
 def _rank_chunks(k_ranks: list[int], pad: int, aligned: bool) -> tuple[int, int]:
@@ -697,7 +710,7 @@ def _rank_chunks(k_ranks: list[int], pad: int, aligned: bool) -> tuple[int, int]
     if not pad:
         return _next_pow2(need), 0
     need = max(16, -(-need // pad) * pad)
-    first = triton.next_power_of_2(need)
+    first = _pow2_at_least(need)
     if first == need:
         return first, 0
     first //= 2
@@ -713,6 +726,18 @@ def _key_slots(codec, grouped: bool) -> int:
     return slots if slots <= 3 else 0
 
 
+_MULTIPROCESSORS: dict[str, int] = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count (4 off CUDA), looked up once per device."""
+    key = str(device)
+    if key not in _MULTIPROCESSORS:
+        cuda = device.type == "cuda"
+        _MULTIPROCESSORS[key] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
+    return _MULTIPROCESSORS[key]
+
+
 def _splits(
     tiles: int, programs_per_split: int, device: torch.device, per_sm: int, fewest_per_sm: int = 0, tiles_each: int = 1
 ) -> tuple[int, int]:
@@ -720,7 +745,7 @@ def _splits(
     (splits, tiles per split) giving the launch about `per_sm` programs per multiprocessor; or, where that leaves
     fewer than `tiles_each` tiles to a split, fewer splits (down to `fewest_per_sm` programs per multiprocessor).
     """
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device)
     programs = max(programs_per_split, 1)
     splits = -(-per_sm * sms // programs)
     if fewest_per_sm:
@@ -845,9 +870,9 @@ def latent_decode_attention(
         # four for quantized ones from batch 8 (GQA 4-bit, B16 32K: values pass 0.216 -> 0.172 ms, as each program
         # re-reads the scores; at batch 1 eight stay faster: 0.014 against 0.015 ms)
         per_program = 4 if quant and batch >= 8 else 8
-        value_block = min(128, max(32, triton.next_power_of_2(max(1, v_rank // per_program))))
+        value_block = min(128, max(32, _pow2_at_least(max(1, v_rank // per_program))))
     values_warps = cfg["values_warps"] if cfg["values_warps"] != "auto" else (8 if value_block >= 128 else 4)
-    tiles = triton.cdiv(tokens, block_tokens)
+    tiles = _cdiv(tokens, block_tokens)
     precision = "ieee" if exact else "tf32"
     row_len = key_latents.shape[-1]
     aligned = bool(cfg["aligned_latents"]) and row_len % 8 == 0 and key_latents.stride(1) % 8 == 0 and not quant
@@ -879,7 +904,7 @@ def latent_decode_attention(
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
     if not use_table:
         cos_t = sin_t = scores
-    _scores_kernel[(num_kv_heads // hpp, triton.cdiv(tiles, per_split), batch)](
+    _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
         tokens, padded, per_split, row_len,
@@ -899,11 +924,11 @@ def latent_decode_attention(
     by_group = quant and cfg["grouped_values"] and group >= 32 and not group & (group - 1)
     if by_group:
         groups_per_program = max(1, value_block // group)
-        v_groups = triton.cdiv(v_codec.n8[0], group) + triton.cdiv(v_rank - v_codec.n8[0], group)
-        value_programs, value_block = triton.cdiv(v_groups, groups_per_program), groups_per_program * group
+        v_groups = _cdiv(v_codec.n8[0], group) + _cdiv(v_rank - v_codec.n8[0], group)
+        value_programs, value_block = _cdiv(v_groups, groups_per_program), groups_per_program * group
     else:
         groups_per_program = 0
-        value_programs = triton.cdiv(v_rank, value_block)
+        value_programs = _cdiv(v_rank, value_block)
     v_splits, v_per_split = _splits(
         tiles, batch * value_programs, device, cfg["values_programs_per_sm"], *cfg["values_fewer_splits"]
     )
@@ -924,7 +949,7 @@ def latent_decode_attention(
         GROUPS=groups_per_program, **v_flags,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
-    _merge_kernel[(triton.cdiv(v_rank, value_block), num_heads, batch)](
+    _merge_kernel[(_cdiv(v_rank, value_block), num_heads, batch)](
         partial, maxes, sums, aggregated,
         v_splits, v_rank,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),

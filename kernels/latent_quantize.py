@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .latent_decode import use_decode_kernel
+from .latent_decode import _cdiv, _pow2_at_least, use_decode_kernel
 from .latent_quant import LatentCodec
 
 try:
@@ -162,7 +162,7 @@ def _block_tables(codec: LatentCodec, device: torch.device) -> tuple[torch.Tenso
             for j, (rank, n8) in enumerate(zip(codec.ranks, codec.n8))
         ]
         pad = codec.padding()
-        pad += [-1] * (triton.next_power_of_2(len(pad)) - len(pad) if pad else 0)
+        pad += [-1] * (_pow2_at_least(len(pad)) - len(pad) if pad else 0)
         _BLOCK_TABLES[key] = (
             torch.tensor(rows, dtype=torch.int32, device=device).view(-1, 5),
             torch.tensor(pad or [-1], dtype=torch.int32, device=device),
@@ -192,12 +192,12 @@ def quantize_rows(z: torch.Tensor, codec: LatentCodec) -> torch.Tensor:
     tokens, row_bytes = flat.shape[0], codec.bytes_per_token
     out = _alloc(tokens, row_bytes, device=z.device)
     if tokens and row_bytes:
-        pairs = triton.next_power_of_2(codec.group // 2)
+        pairs = _pow2_at_least(codec.group // 2)
         groups = max(-(-n8 // codec.group) + -(-(r - n8) // codec.group) for r, n8 in zip(codec.ranks, codec.n8))
-        tile_tokens = min(16, triton.next_power_of_2(tokens))
-        tile_groups = min(triton.next_power_of_2(groups), max(1, PAIRS_PER_TILE // (tile_tokens * pairs)))
+        tile_tokens = min(16, _pow2_at_least(tokens))
+        tile_groups = min(_pow2_at_least(groups), max(1, PAIRS_PER_TILE // (tile_tokens * pairs)))
         blocks, pad, npad = _block_tables(codec, z.device)
-        _quantize_kernel[(triton.cdiv(tokens, tile_tokens), len(codec.ranks))](
+        _quantize_kernel[(_cdiv(tokens, tile_tokens), len(codec.ranks))](
             flat, out, blocks, pad, tokens, flat.stride(0), out.stride(0),
             GROUP=codec.group, BT=tile_tokens, NG=tile_groups, HG=pairs, RECIPROCAL=z.device.type == "cuda",
             NPAD=npad,
