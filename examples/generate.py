@@ -1,6 +1,6 @@
 """Load a STAR-KV checkpoint with plain transformers and stream a chat reply.
 
-python examples/generate.py SmolLM2-135M-Instruct-Q4_1-starkv-0.5 "What is the capital of France?"
+python examples/generate.py SmolLM2-135M-Instruct-starkv-0.5 "What is the capital of France?"
 """
 
 import sys

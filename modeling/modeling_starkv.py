@@ -39,6 +39,9 @@ from .latent_quantize import encode_latents
 # Most bytes of keys and values a prefill chunk rebuilds at once (a slice of sequences; at least one). Small: SDPA on
 # CUDA with a mask repeats them over the query groups (transformers' repeat_kv), 4x more for Llama-3.1-8B.
 PREFILL_REBUILD_BYTES = 1 << 28
+# The model outputs' cache field: `cache` from transformers 5.24, `past_key_values` before (read by its own name: the
+# old one still works but warns)
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class KeyUpProjection(nn.Module):
@@ -475,7 +478,7 @@ class StarKVForCausalLM(StarKVPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        cache_out = outputs.get("cache", outputs.get("past_key_values"))
+        cache_out = getattr(outputs, _CACHE_FIELD)
         return CausalLMOutputWithPast(loss, logits, cache_out, outputs.hidden_states, outputs.attentions)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:

@@ -38,7 +38,7 @@ def cache_nbytes(cache: Any) -> int:
 def kv_cache_bytes_per_token(model: Any, input_ids: torch.Tensor) -> float:
     """Cache bytes per token after one forward pass over `input_ids` (batch, tokens) with use_cache=True."""
     out = model(input_ids=input_ids.to(input_device(model)), use_cache=True)
-    cache = out.get("cache", out.get("past_key_values"))  # the field is `cache` from transformers 5.24
+    cache = out["cache"] if "cache" in out else out["past_key_values"]  # `cache` from transformers 5.24
     return cache_nbytes(cache) / input_ids.numel()
 
 
