@@ -314,19 +314,17 @@ def _embedded(rows: torch.Tensor) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize(
-    "k_ranks, k_n8, v_rank, v_n8",
-    [
-        ([38, 37], [8, 37], 64, 0),  # a head of 8 bits only beside one with 4-bit codes
-        ([38, 40], [8, 16], 96, 32),  # fewer 8-bit channels than half a group
-        ([32, 32], [32, 0], 64, 64),
-        ([32, 32], [16, 16], 64, 4),
-    ],
-)
-def test_quantized_reads_stay_inside_the_rows(guards, k_ranks, k_n8, v_rank, v_n8):
+GUARDED_CASES = [case for case in QUANT_CASES if not case[-1].get("embedded")] + [
+    (4, [32, 32], [32, 0], 64, 64, 32, {}),  # a head of 8 bits only beside a 4-bit one, 8-bit values
+    (4, [32, 32], [16, 16], 64, 4, 32, {}),  # fewer 8-bit channels than half a group
+]
+
+
+@pytest.mark.parametrize("groups, k_ranks, k_n8, v_rank, v_n8, group, extras", GUARDED_CASES)
+def test_quantized_reads_stay_inside_the_rows(guards, groups, k_ranks, k_n8, v_rank, v_n8, group, extras):
     """No active lane of the kernel's loads touches the 64 bytes before or after the rows: masks must switch off
-    lanes that point outside, not only discard what they read."""
-    check_quantized(torch.float32, 4, k_ranks, k_n8, v_rank, v_n8, 32, {}, place=guards)
+    lanes that point outside, not only discard what they read (every quantized case: grouped and per-value reads)."""
+    check_quantized(torch.float32, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, place=guards)
     assert len(guards.zones) == 4 and not guards.hits, guards.hits[:8]
 
 
