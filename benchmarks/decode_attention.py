@@ -112,10 +112,10 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     latents = [latent_inputs(kv_heads, batch, tokens, g) for _ in range(copies_for(latent_bytes))]
     if EIGHT_BIT is not None:
         latents = [quantize_inputs(x) for x in latents]
-    # RoPE slot tables (one for all sequences): charged per layer as one computation per decode step for all its
-    # LAYERS; the model's cache makes them once per doubling of its length, so the charge is conservative
-    tables = [kernels.rope_slot_tables(tokens, x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
-    table_calls = [lambda x=x: kernels.rope_slot_tables(tokens, x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
+    # RoPE tables: charged per layer as one computation per decode step for all its LAYERS, as the model did until
+    # e7531a0; its cache now keeps them, each token's made once, so the charge is conservative
+    tables = [kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
+    table_calls = [lambda x=x: kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
     table_ms = rotating_ms(table_calls, graphs=False) / LAYERS
     ours_calls = [
         lambda x=x, t=t: kernels.latent_decode_attention(query, **x, tables=t) for x, t in zip(latents, tables)
@@ -128,7 +128,7 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     sample = dict(latents[0])
     for key in ("key_latents", "value_latents", "positions"):
         sample[key] = sample[key][:2]
-    sample_tables = kernels.rope_slot_tables(tokens, sample["inv_freq"], 1.0, torch.bfloat16)
+    sample_tables = kernels.rope_tables(sample["positions"], sample["inv_freq"], 1.0, torch.bfloat16)
     got = kernels.latent_decode_attention(query[:2], **sample, tables=sample_tables).float()
     if "codecs" in sample:  # the reference reads the decoded latents
         codecs = sample.pop("codecs")

@@ -31,7 +31,7 @@ def main() -> None:
     inputs = bench.latent_inputs(kv_heads, batch, tokens, torch.Generator(device="cuda").manual_seed(0))
     if bench.EIGHT_BIT is not None:
         inputs = bench.quantize_inputs(inputs)
-    tables = kernels.rope_slot_tables(tokens, inputs["inv_freq"], 1.0, torch.bfloat16)
+    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
     query = torch.randn(batch, heads, bench.HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     for _ in range(args.calls):
         kernels.latent_decode_attention(query, **inputs, tables=tables)

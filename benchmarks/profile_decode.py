@@ -1,6 +1,6 @@
 """
 Where the decode kernel's time goes: per-kernel CUDA times (torch.profiler) and a sweep of launch settings on a few
-ANCHORS shapes, with the RoPE slot tables passed in as the model does. A development tool; decode_attention.py records
+ANCHORS shapes, with the RoPE tables passed in as the model does. A development tool; decode_attention.py records
 the results that count.
 
     python benchmarks/profile_decode.py [--rows 7 3] [--quick] [--valid] [--kv-bits 4]
@@ -23,17 +23,11 @@ KERNELS = ("_scores_kernel", "_values_kernel", "_merge_kernel")
 
 
 def profile(query, inputs, tables, config) -> dict[str, float]:
-    """
-    Mean CUDA ms per call of each kernel. `tables`: the slot tables; a config's "rope_table" of None means no tables
-    (angle addition), "position" the per-position tables (made before timing).
-    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    if "rope_table" in config:
-        kind, config = config["rope_table"], {k: v for k, v in config.items() if k != "rope_table"}
-        positions, inv_freq = inputs["positions"], inputs["inv_freq"]
-        tables = None if kind is None else kernels.rope_tables(positions, inv_freq, 1.0, torch.bfloat16)
+    if "rope_table" in config and config["rope_table"] is None:  # no tables: RoPE by angle addition
+        tables, config = None, {k: v for k, v in config.items() if k != "rope_table"}
 
     for _ in range(3):
         kernels.latent_decode_attention(query, **inputs, config=config, tables=tables)
@@ -61,14 +55,8 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values dequantized per value": {"grouped_values": False},
     "scores buffer fp32": {"half_scores": False},
     "scores buffer fp16": {"half_scores": True},
-    "scores 1 sequence a program": {"sequences_per_program": 1},
-    "scores 2 sequences a program": {"sequences_per_program": 2},
-    "scores 4 seq/program, 2 stages": {"scores_stages_tables": 2},
-    "scores 4 seq/program, 4 stages": {"scores_stages_tables": 4},
-    "scores 4 seq/program, 8 warps": {"scores_warps": 8},
-    "scores 4 seq/program, 16 programs/SM": {"scores_programs_per_sm": 16},
-    "scores 4 seq/program, 4 programs/SM": {"scores_programs_per_sm": 4},
-    "per-position RoPE tables (before)": {"rope_table": "position"},
+    "scores 2 KV heads a program": {"heads_per_program": 2},
+    "scores 4 KV heads a program": {"heads_per_program": 4},
     "no RoPE tables (angle addition)": {"rope_table": None},
     "tiles of 32 tokens": {"block_tokens": 32},
     "tiles of 128 tokens": {"block_tokens": 128},
@@ -98,7 +86,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="*", default=[7, 3])
     p.add_argument("--quick", action="store_true", help="only the default and per-value key dequantization")
     p.add_argument("--values", action="store_true", help="only the default and the values-pass variants")
-    p.add_argument("--only", nargs="*", help="only the variants whose names contain one of these (and the default)")
+    p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     p.add_argument("--valid", action="store_true", help="a validity mask as the model passes (3 padding tokens)")
     args = p.parse_args()
@@ -114,11 +102,11 @@ def main() -> None:
             inputs["valid"][:, :3] = False
         if decode_attention.EIGHT_BIT is not None:
             inputs = quantize_inputs(inputs)
-        tables = kernels.rope_slot_tables(tokens, inputs["inv_freq"], 1.0, torch.bfloat16)
+        tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
+        if args.shared_tables:  # one table for every sequence (batch stride 0)
+            tables = tuple(t[:1].expand_as(t) for t in tables)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
         variants = QUICK if args.quick else VALUES if args.values else VARIANTS
-        if args.only:
-            variants = {k: v for k, v in variants.items() if k == "default" or any(o in k for o in args.only)}
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
         for label, config in variants.items():
             try:

@@ -79,16 +79,6 @@ def rope_tables(
     return (freqs.cos() * rope_scale).to(dtype), (freqs.sin() * rope_scale).to(dtype)
 
 
-def rope_slot_tables(
-    slots: int, inv_freq: torch.Tensor, rope_scale: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    cos/sin (slots, head_dim / 2) of the cache slots 0..slots-1 as positions, in the model dtype: one table for every
-    sequence. A sequence whose tokens sit at positions `slot - shift` reads them with its query turned by `shift`.
-    """
-    return rope_tables(torch.arange(slots, device=inv_freq.device), inv_freq, rope_scale, dtype)
-
-
 def latent_decode_reference(
     query: torch.Tensor,
     key_latents: torch.Tensor,
@@ -369,13 +359,13 @@ if triton is not None:
 
     @triton.jit
     def _head_setup(
-        W, RANKS, OFFSETS, CODEC, KBIAS, head, stride_wd, row_len, dims,
-        HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
+        Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+        G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
         HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
-        or each scale group's even and odd rows), bias, and where its codes lie.
+        or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
@@ -403,96 +393,21 @@ if triton is not None:
                 W, stride_wd, offset, rank, row_len, dims, HALF, R1, R2, ALIGNED
             )
             wts = (w1_lo, w1_hi, w2_lo, w2_hi)
+        q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
+        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
+        q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
         if HAS_BIAS:
             bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
             bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        return start, limit, wts, bias_lo, bias_hi, (n8, boff, soff, size)
-
-    @triton.jit
-    def _shift(SHIFTS, POS, b, T, stride_pb, SHIFTED: tl.constexpr, GIVEN: tl.constexpr):
-        """Sequence `b`'s `slot - position` with slot tables (else 0): given, or taken at its last token."""
-        if SHIFTED:
-            if GIVEN:
-                shift = tl.load(SHIFTS + b)
-            else:
-                shift = (T - 1) - tl.load(POS + b * stride_pb + T - 1)
-        else:
-            shift = 0
-        return shift
-
-    @triton.jit
-    def _queries(
-        Q, b, head, stride_qb, stride_qh, dims, g, shift, inv_freq,
-        G: tl.constexpr, HALF: tl.constexpr, SHIFTED: tl.constexpr,
-    ):  # fmt: skip
-        """
-        A KV head's G queries of sequence `b`, transposed: (HALF, GP) twice. SHIFTED: turned further by RoPE at
-        position `shift` (what slot tables need: q . R(slot - shift) k = (R(shift) q) . R(slot) k).
-        """
-        q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
-        q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
-        q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
-        if SHIFTED:
-            cos, sin = _reduced_cos_sin(shift.to(tl.float32) * inv_freq)
-            lo, hi = q_lo.to(tl.float32), q_hi.to(tl.float32)
-            q_lo = (lo * cos[:, None] - hi * sin[:, None]).to(Q.dtype.element_ty)
-            q_hi = (hi * cos[:, None] + lo * sin[:, None]).to(Q.dtype.element_ty)
-        return q_lo, q_hi
-
-    @triton.jit
-    def _tile_rope(
-        POS, VALID, COS, SIN, b, t, in_range, tile, i, T, shift, slot_cos, slot_sin, inv_freq, step_cos, step_sin,
-        rope_scale, stride_pb, stride_vb, stride_cb, stride_ct, dims,
-        BT: tl.constexpr, HAS_VALID: tl.constexpr, EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr,
-    ):  # fmt: skip
-        """
-        Which of sequence `b`'s tokens of a tile count (`keep`), and the cos/sin (BT, HALF), fp32, that turn its keys:
-        ROPE_TABLE 2, the tile's rows of the slot tables where every kept token sits at `slot - shift` (else each
-        angle evaluated); 1, the sequence's rows of per-position tables; 0, by angle addition (exact where positions
-        are not consecutive, and for fp32).
-        """
-        keep = in_range
-        if HAS_VALID:
-            keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-        if ROPE_TABLE == 2:
-            turn = tl.load(POS + b * stride_pb + t, mask=in_range, other=0) + shift  # the angle the keys need
-            if tl.max(tl.where(keep & (turn != t), 1, 0), 0) == 0:
-                cos = slot_cos.to(tl.float32)
-                sin = slot_sin.to(tl.float32)
-            else:
-                cos, sin = _reduced_cos_sin(turn.to(tl.float32)[:, None] * inv_freq[None, :])
-                cos = cos * rope_scale
-                sin = sin * rope_scale
-        elif ROPE_TABLE == 1:  # cos/sin of every cached position (16-bit, as transformers rounds them)
-            table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
-            cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
-            sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-        else:
-            pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-            if EXACT_ROPE:
-                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-            else:
-                # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last
-                last = tl.minimum(tile * BT + BT - 1, T - 1)
-                start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
-                consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
-                if consecutive:
-                    base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-                    cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
-                    sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
-                else:
-                    cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-            cos = cos * rope_scale
-            sin = sin * rope_scale
-        return keep, cos, sin
+        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size)
 
     @triton.jit
     def _head_tile_scores(
-        ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, queries, norm_lo, norm_hi, eps, cos, sin,
-        scaling, stride_sh, stride_st,
+        ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
+        stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
         HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
@@ -502,8 +417,7 @@ if triton is not None:
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
         the stores vectorize).
         """
-        start, limit, wts, bias_lo, bias_hi, codec = setup
-        q_lo, q_hi = queries
+        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
             HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
@@ -522,82 +436,56 @@ if triton is not None:
         )
 
     @triton.jit
-    def _sequence_tile_scores(
-        ZK, POS, VALID, COS, SIN, S, b, t, in_range, stored, tile, i, T, head, g, setup, queries, shift, slot_cos,
-        slot_sin, inv_freq, step_cos, step_sin, rope_scale, norm_lo, norm_hi, eps, scaling,
-        stride_zb, stride_zt, stride_pb, stride_vb, stride_cb, stride_ct, stride_sb, stride_sh, stride_st, dims,
-        G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
-        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
-        ROPE_TABLE: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
-        SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-    ):  # fmt: skip
-        """The scores of one sequence's tile for a KV head's G query heads: its RoPE, keys, scores and their store."""
-        keep, cos, sin = _tile_rope(
-            POS, VALID, COS, SIN, b, t, in_range, tile, i, T, shift, slot_cos, slot_sin, inv_freq, step_cos, step_sin,
-            rope_scale, stride_pb, stride_vb, stride_cb, stride_ct, dims, BT, HAS_VALID, EXACT_ROPE, ROPE_TABLE,
-        )  # fmt: skip
-        zrow = b * stride_zb + t * stride_zt
-        if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
-            zrow = tl.multiple_of(zrow, ALIGN)
-        _head_tile_scores(
-            ZK, zrow, in_range, keep, stored, S, b * stride_sb, t, head, g, setup, queries, norm_lo, norm_hi, eps,
-            cos, sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-            SLOTS, HAS8, HAS4, ALIGN,
-        )  # fmt: skip
-
-    @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN, SHIFTS,
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
         T, TP, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
-        SPP: tl.constexpr, SHIFTS_GIVEN: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
         ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
-        One program per (KV head, context split, SPP sequences): the head's weights stay on the chip for all its
-        tiles and sequences, and with slot tables (ROPE_TABLE 2) the SPP sequences share each tile's cos/sin, read
-        once. SHIFTS: each sequence's `slot - position` (slot tables; unless SHIFTS_GIVEN, taken at the last
-        token). Quantized latents (QUANT): CODEC holds each head's n8, first code byte, first scale byte and code
-        bytes (padded); ALIGN divides the row strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether
-        8-bit / 4-bit groups occur.
+        HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
+        the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads. Quantized latents (QUANT):
+        CODEC holds each head's n8, first code byte, first scale byte and code bytes (padded); ALIGN divides the row
+        strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
         scaling, rope_scale = tl.cast(scaling, tl.float32), tl.cast(rope_scale, tl.float32)
         eps = tl.cast(eps, tl.float32)
-        head = tl.program_id(0)
+        head0 = tl.program_id(0) * HPP
         split = tl.program_id(1)
-        b0 = tl.program_id(2).to(tl.int64) * SPP
+        b = tl.program_id(2).to(tl.int64)
         dims = tl.arange(0, HALF)
         g = tl.arange(0, GP)
         i = tl.arange(0, BT)
-        setup = _head_setup(
-            W, RANKS, OFFSETS, CODEC, KBIAS, head, stride_wd, row_len, dims,
-            HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+        setup0 = _head_setup(
+            Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
         )  # fmt: skip
+        if HPP > 1:
+            setup1 = _head_setup(
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+            )  # fmt: skip
+        if HPP > 2:
+            setup2 = _head_setup(
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+            )  # fmt: skip
+            setup3 = _head_setup(
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+            )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
-        shifted = ROPE_TABLE == 2
-        shift0 = _shift(SHIFTS, POS, b0, T, stride_pb, shifted, SHIFTS_GIVEN)
-        q0 = _queries(Q, b0, head, stride_qb, stride_qh, dims, g, shift0, inv_freq, G, HALF, shifted)
-        if SPP > 1:
-            shift1 = _shift(SHIFTS, POS, b0 + 1, T, stride_pb, shifted, SHIFTS_GIVEN)
-            q1 = _queries(Q, b0 + 1, head, stride_qb, stride_qh, dims, g, shift1, inv_freq, G, HALF, shifted)
-        if SPP > 2:
-            shift2 = _shift(SHIFTS, POS, b0 + 2, T, stride_pb, shifted, SHIFTS_GIVEN)
-            q2 = _queries(Q, b0 + 2, head, stride_qb, stride_qh, dims, g, shift2, inv_freq, G, HALF, shifted)
-            shift3 = _shift(SHIFTS, POS, b0 + 3, T, stride_pb, shifted, SHIFTS_GIVEN)
-            q3 = _queries(Q, b0 + 3, head, stride_qb, stride_qh, dims, g, shift3, inv_freq, G, HALF, shifted)
-        if not EXACT_ROPE and ROPE_TABLE == 0:
+        if not EXACT_ROPE and not ROPE_TABLE:
             step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
-        else:
-            step_cos = inv_freq  # (unused)
-            step_sin = inv_freq
         norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
         norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
@@ -606,42 +494,55 @@ if triton is not None:
             t = tile * BT + i
             in_range = t < T
             stored = t < TP
-            if ROPE_TABLE == 2:  # cos/sin of the tile's slots, shared by its sequences
-                table = t[:, None] * stride_ct + dims[None, :]
-                slot_cos = tl.load(COS + table, mask=in_range[:, None], other=1.0)
-                slot_sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0)
+            keep = in_range
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
+            if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
+                table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
             else:
-                slot_cos = inv_freq  # (unused)
-                slot_sin = inv_freq
-            _sequence_tile_scores(
-                ZK, POS, VALID, COS, SIN, S, b0, t, in_range, stored, tile, i, T, head, g, setup, q0, shift0,
-                slot_cos, slot_sin, inv_freq, step_cos, step_sin, rope_scale, norm_lo, norm_hi, eps, scaling,
-                stride_zb, stride_zt, stride_pb, stride_vb, stride_cb, stride_ct, stride_sb, stride_sh, stride_st,
-                dims, G, HALF, R1, R2, BT, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE, ROPE_TABLE, PRECISION, QUANT,
-                GROUP, SLOTS, HAS8, HAS4, ALIGN,
+                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
+                if EXACT_ROPE:
+                    cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+                else:
+                    # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last
+                    last = tl.minimum(tile * BT + BT - 1, T - 1)
+                    start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
+                    consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
+                    if consecutive:
+                        base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
+                        cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
+                        sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
+                    else:
+                        cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+                cos = cos * rope_scale
+                sin = sin * rope_scale
+            zrow = b * stride_zb + t * stride_zt
+            if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
+                zrow = tl.multiple_of(zrow, ALIGN)
+            srow = b * stride_sb
+            _head_tile_scores(
+                ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
+                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                HAS8, HAS4, ALIGN,
             )  # fmt: skip
-            if SPP > 1:
-                _sequence_tile_scores(
-                    ZK, POS, VALID, COS, SIN, S, b0 + 1, t, in_range, stored, tile, i, T, head, g, setup, q1, shift1,
-                    slot_cos, slot_sin, inv_freq, step_cos, step_sin, rope_scale, norm_lo, norm_hi, eps, scaling,
-                    stride_zb, stride_zt, stride_pb, stride_vb, stride_cb, stride_ct, stride_sb, stride_sh, stride_st,
-                    dims, G, HALF, R1, R2, BT, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE, ROPE_TABLE, PRECISION,
-                    QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
+            if HPP > 1:
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
-            if SPP > 2:
-                _sequence_tile_scores(
-                    ZK, POS, VALID, COS, SIN, S, b0 + 2, t, in_range, stored, tile, i, T, head, g, setup, q2, shift2,
-                    slot_cos, slot_sin, inv_freq, step_cos, step_sin, rope_scale, norm_lo, norm_hi, eps, scaling,
-                    stride_zb, stride_zt, stride_pb, stride_vb, stride_cb, stride_ct, stride_sb, stride_sh, stride_st,
-                    dims, G, HALF, R1, R2, BT, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE, ROPE_TABLE, PRECISION,
-                    QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
+            if HPP > 2:
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
-                _sequence_tile_scores(
-                    ZK, POS, VALID, COS, SIN, S, b0 + 3, t, in_range, stored, tile, i, T, head, g, setup, q3, shift3,
-                    slot_cos, slot_sin, inv_freq, step_cos, step_sin, rope_scale, norm_lo, norm_hi, eps, scaling,
-                    stride_zb, stride_zt, stride_pb, stride_vb, stride_cb, stride_ct, stride_sb, stride_sh, stride_st,
-                    dims, G, HALF, R1, R2, BT, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE, ROPE_TABLE, PRECISION,
-                    QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
 
     @triton.jit
@@ -771,10 +672,8 @@ DEFAULT_CONFIG = {
     "values_warps": "auto",  # auto: 8 for blocks of 128 columns or more, else 4
     "values_stages": 3,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
-    "rope_table": False,  # tables made here when the caller passes none: "slot" (rope_slot_tables) or "position"
-    # (rope_tables); False: RoPE by angle addition
-    "sequences_per_program": "auto",  # sequences per program of the scores pass (1, 2 or 4; they share the head's
-    # weights and, with slot tables, each tile's cos/sin); auto: 4 with slot tables where the batch allows, else 1
+    "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
+    "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
@@ -925,14 +824,11 @@ def latent_decode_attention(
     config: dict | None = None,
     tables: tuple[torch.Tensor, torch.Tensor] | None = None,
     codecs: tuple | None = None,
-    shifts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32. `tables`
-    (16-bit inputs only; without them RoPE uses angle addition): `rope_slot_tables(...)` of at least as many slots as
-    tokens, shared by every sequence, with `shifts` (batch,) int: each sequence's `slot - position` (None: taken at
-    its last token; tiles where a kept token's position differs from that get their angles evaluated), or
-    `rope_tables(...)` of these positions. `config` overrides the launch settings of `DEFAULT_CONFIG`. `codecs`:
+    The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32. `tables`:
+    `rope_tables(...)` of these positions (16-bit inputs only), which makes the scores pass about twice as fast;
+    without them RoPE uses angle addition. `config` overrides the launch settings of `DEFAULT_CONFIG`. `codecs`:
     the layer's (key, value) `LatentCodec`s when the latents are quantized; `key_latents` and `value_latents` are
     then their uint8 rows, dequantized on the fly (the reference of that is the codecs' `decode`).
     """
@@ -985,32 +881,15 @@ def latent_decode_attention(
         k_flags = v_flags = {"HAS8": False, "HAS4": False, "ALIGN": 1}
         group = 32
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
+    use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
-    rope_table = 0 if exact else 2 if tables is not None and tables[0].dim() == 2 else 1 if tables is not None else 0
-    if tables is None and cfg["rope_table"] and not exact:
-        if cfg["rope_table"] not in ("slot", "position"):
-            raise ValueError(f"rope_table={cfg['rope_table']!r}: use 'slot', 'position' or False")
-        if cfg["rope_table"] == "slot":
-            rope_table, tables = 2, rope_slot_tables(tokens, inv_freq, rope_scale, query.dtype)
-        else:
-            rope_table, tables = 1, rope_tables(positions, inv_freq, rope_scale, query.dtype)
-    if rope_table == 2:
-        cos_t, sin_t = tables
-        if cos_t.shape[0] < tokens:
-            raise ValueError(f"slot tables of {cos_t.shape[0]} rows for {tokens} cached tokens")
-        if shifts is not None and shifts.dtype != torch.int32:
-            shifts = shifts.to(torch.int32)
-        stride_cb, stride_ct = 0, cos_t.stride(0)
-    elif rope_table == 1:
-        cos_t, sin_t = tables
-        stride_cb, stride_ct = cos_t.stride(0), cos_t.stride(1)
+    if use_table:
+        cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
-    spp = cfg["sequences_per_program"]
-    spp = (4 if rope_table == 2 else 1) if spp == "auto" else spp
-    spp = max(n for n in (1, 2, 4) if n <= spp and batch % n == 0)
 
+    hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
     _, per_split = _splits(
-        tiles, batch * num_kv_heads // spp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"]
+        tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"]
     )
     if cfg["scores_splits"]:
         per_split = -(-tiles // cfg["scores_splits"])
@@ -1023,25 +902,22 @@ def latent_decode_attention(
     else:
         scores = _alloc(batch, num_heads, padded, device=device, dtype=scores_dtype)
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
-    if not rope_table:
+    if not use_table:
         cos_t = sin_t = scores
-        stride_cb = stride_ct = 0
-    _scores_kernel[(num_kv_heads, _cdiv(tiles, per_split), batch // spp)](
+    _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
-        shifts if shifts is not None else positions,
         tokens, padded, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
-        stride_cb, stride_ct,
+        cos_t.stride(0), cos_t.stride(1),
         scaling, rope_scale, eps,
-        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, SPP=spp,
-        SHIFTS_GIVEN=shifts is not None,
+        G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
-        ROPE_TABLE=rope_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
+        ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if rope_table else "scores_stages"],
+        num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
     # quantized values dequantized per scale group (tiles of whole groups: a power of two of >= 16 channel pairs)
@@ -1089,11 +965,4 @@ def latent_decode_attention(
     return out.reshape(batch, num_heads, head_dim)
 
 
-__all__ = [
-    "latent_decode_attention",
-    "latent_decode_reference",
-    "rope_cos_sin",
-    "rope_slot_tables",
-    "rope_tables",
-    "use_decode_kernel",
-]
+__all__ = ["latent_decode_attention", "latent_decode_reference", "rope_cos_sin", "rope_tables", "use_decode_kernel"]

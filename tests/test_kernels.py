@@ -125,14 +125,8 @@ def test_kernel_matches_reference(poisoned, dtype, batch, tokens, kv_heads, grou
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "config",
-    [
-        None,
-        {"rope_table": "slot", "block_tokens": 32},
-        {"rope_table": "slot", "sequences_per_program": 1},
-        {"rope_table": "position", "half_scores": False},
-    ],
-)  # angle addition; slot tables (the two sequences in one program, then one each); per-position tables with an fp32
-# scores buffer (fp16 inputs: fp16 by default, as G = 2)
+    [None, {"rope_table": True, "block_tokens": 32}, {"rope_table": True, "half_scores": False}],
+)  # angle addition; tables; tables with an fp32 scores buffer (fp16 inputs: fp16 by default, as G = 2)
 def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     case = make_case(2, 90, 2, 2, 64, [20, 31], 50, pad=37, bias=True, norm=True, rope_scale=1.3, seed=3)
     check(case, dtype, config)
@@ -149,7 +143,7 @@ def test_left_padding_bias_norm_and_scaled_rope(poisoned, dtype, config):
     "config",
     [
         {"scores_splits": 3, "values_splits": 5, "block_tokens": 16},  # the last splits run past the last tile
-        {"token_major_scores": True, "rope_table": "slot", "sequences_per_program": 2, "block_tokens": 32},
+        {"token_major_scores": True, "heads_per_program": 2, "block_tokens": 32},
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -170,65 +164,20 @@ def test_long_context_with_large_positions(poisoned, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", [None, {"rope_table": "slot"}])
-def test_positions_that_are_not_consecutive(poisoned, dtype, config):
-    """
-    Packed or custom positions: tiles whose positions are not consecutive (or, with slot tables, not at `slot -
-    shift`) take the exact RoPE path.
-    """
+def test_positions_that_are_not_consecutive(poisoned, dtype):
+    """Packed or custom positions: tiles whose positions are not consecutive take the exact RoPE path."""
     case = make_case(2, 150, 2, 2, 64, [16, 30], 33, seed=7)
     g = torch.Generator().manual_seed(8)
     case["positions"] = torch.randint(0, 5000, (2, 150), generator=g)
     case["positions"][1, :70] = torch.arange(70) + 900  # one sequence partly consecutive
-    check(case, dtype, config)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spp", [1, 2, 4])
-@pytest.mark.parametrize("explicit_shifts", [False, True])
-def test_slot_tables_over_a_batch(poisoned, dtype, spp, explicit_shifts):
-    """
-    Slot tables (one cos/sin table for every sequence, longer than the context) with 1, 2 or 4 sequences a program:
-    sequences left-padded by different amounts, shifted far along, one whose positions break off mid-tile (exact
-    RoPE there), and one whose last token is padding (its default shift is wrong: every tile is evaluated exactly).
-    """
-    batch, tokens = 8, 83
-    case = make_case(batch, tokens, 2, 3, 64, [21, 9], 40, bias=True, rope_scale=1.2, seed=11)
-    valid = torch.ones(batch, tokens, dtype=torch.bool)
-    shifts = torch.zeros(batch, dtype=torch.long)
-    for b, pad in enumerate([0, 5, 40, 0, 17, 1, 0, 66]):
-        valid[b, :pad] = False
-        shifts[b] = pad
-    shifts[3] = -20_000  # positions 20,000 on
-    shifts[6] = -3  # positions 3.. up to the break below, then 1000..
-    valid[5, -1] = False  # (left padding only in generate(), but the kernel takes any mask)
-    slots = torch.arange(tokens)
-    case["positions"] = torch.where(valid, slots - shifts[:, None], 1)
-    case["positions"][6, 50:] = torch.arange(tokens - 50) + 1000
-    case["valid"] = valid
-    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
-    inputs = cast(case, dtype)
-    tables = kernels.rope_slot_tables(tokens + 29, inputs["inv_freq"], 1.2, dtype) if dtype != torch.float32 else None
-    given = shifts.to(DEVICE) if explicit_shifts else None
-    config = {"sequences_per_program": spp, "block_tokens": 32}
-    got = kernels.latent_decode_attention(**inputs, tables=tables, shifts=given, config=config).cpu().double()
-    error = (got - expected).norm() / expected.norm()
-    assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
-
-
-def test_slot_tables_shorter_than_the_context_are_refused():
-    case = cast(make_case(1, 40, 1, 2, 64, [4], 8), torch.float16)
-    tables = kernels.rope_slot_tables(39, case["inv_freq"], 1.0, torch.float16)
-    with pytest.raises(ValueError, match="slot tables of 39 rows for 40"):
-        kernels.latent_decode_attention(**case, tables=tables)
+    check(case, dtype)
 
 
 PATHS = {  # launch settings that select each variant of the kernels
     "BT 16, few splits": {"block_tokens": 16, "values_programs_per_sm": 1},
     "pow2 ranks, unaligned, BT 16": {"rank_pad": 0, "aligned_latents": False, "block_tokens": 16},
-    "2 sequences/program": {"sequences_per_program": 2},
-    "slot tables, 2 sequences/program, aligned": {"rope_table": "slot", "aligned_latents": True},
-    "position tables, aligned": {"rope_table": "position", "aligned_latents": True},
+    "4 heads/program": {"heads_per_program": 4},
+    "4 heads/program, tables, aligned": {"heads_per_program": 4, "rope_table": True, "aligned_latents": True},
 }
 
 
@@ -387,13 +336,12 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     case = cast(make_case(2, 101, len(k_ranks), 2, 64, k_ranks, v_rank, pad=3, bias=True, seed=3), dtype)
     names = ("query", "key_latents", "value_latents", "positions", "k_up_weight", "v_up_weight", "k_bias")
     case.update({name: guards(case[name], name) for name in names})
-    tables = shifts = None
+    tables = None
     if dtype != torch.float32:
-        rope = kernels.rope_slot_tables(101, case["inv_freq"], 1.0, dtype)
+        rope = kernels.rope_tables(case["positions"], case["inv_freq"], 1.0, dtype)
         tables = tuple(guards(t, f"table {i}") for i, t in enumerate(rope))
-        shifts = guards(torch.tensor([3, 0], dtype=torch.int32, device=DEVICE), "shifts")
-    got = kernels.latent_decode_attention(**case, tables=tables, shifts=shifts)
-    assert len(guards.zones) == 2 * (len(names) + (tables is not None) * 3) and not guards.hits, guards.hits[:8]
+    got = kernels.latent_decode_attention(**case, tables=tables)
+    assert len(guards.zones) == 2 * (len(names) + (tables is not None) * 2) and not guards.hits, guards.hits[:8]
     expected = kernels.latent_decode_reference(**cast(case, torch.float64))
     assert (got.double() - expected).norm() / expected.norm() < TOLERANCE[dtype]
 
@@ -468,11 +416,9 @@ def test_key_slots():
 
 
 def test_unknown_launch_setting_is_refused():
-    case = cast(make_case(1, 8, 1, 2, 64, [4], 8), torch.float16)
+    case = cast(make_case(1, 8, 1, 2, 64, [4], 8), torch.float32)
     with pytest.raises(ValueError, match="unknown launch settings"):
         kernels.latent_decode_attention(**case, config={"value_blocks": 64})
-    with pytest.raises(ValueError, match="rope_table=True: use 'slot', 'position' or False"):
-        kernels.latent_decode_attention(**case, config={"rope_table": True})
 
 
 def test_rank_chunks():
