@@ -59,7 +59,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores 4 KV heads a program": {"heads_per_program": 4},
     "no RoPE tables (angle addition)": {"rope_table": None},
     "tables without steps (per-position reads)": {"rope_steps": False},
-    "steps unchecked (measurement only)": {"rope_steps": "unchecked"},
     "steps, scores 2 stages": {"scores_stages_tables": 2},
     "steps, scores 8 warps": {"scores_warps": 8},
     "tiles of 32 tokens": {"block_tokens": 32},

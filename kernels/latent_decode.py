@@ -369,18 +369,24 @@ if triton is not None:
     @triton.jit
     def _turned(k_lo, k_hi, rope, DTYPE: tl.constexpr, STEPS: tl.constexpr):
         """
-        Keys (BT, HALF) twice turned by RoPE, in DTYPE. `rope`: the tile's (cos, sin); or, with STEPS (the tile's
-        positions are consecutive), cos/sin of its first position (times the attention scaling), turned further
-        here by the step table's offsets 0..BT-1 (angle addition, after the rebuild so as to hold no registers
-        across it).
+        Keys (BT, HALF) twice turned by RoPE, in DTYPE. `rope`: the tile's (cos, sin); or, with STEPS, what angle
+        addition needs: cos/sin of the tile's first position (times the attention scaling) turned further by the
+        step table's offsets 0..BT-1, where the tile's kept positions are consecutive (else the per-position
+        tables' rows). The cos/sin are made here, after the rebuild, so that they do not hold registers across it.
         """
         if STEPS:
-            STEP, base_cos, base_sin, step_sin = rope
-            at = tl.arange(0, k_lo.shape[0])[:, None] * k_lo.shape[1] + tl.arange(0, k_lo.shape[1])[None, :]
+            COS, SIN, STEP, table_row, t, in_range, consecutive, base_cos, base_sin, step_sin, stride_ct = rope
+            dims = tl.arange(0, k_lo.shape[1])
+            at = tl.arange(0, k_lo.shape[0])[:, None] * k_lo.shape[1] + dims[None, :]
             step_c = tl.load(STEP + at).to(tl.float32)
             step_s = tl.load(STEP + step_sin + at).to(tl.float32)
-            cos = base_cos[None, :] * step_c - base_sin[None, :] * step_s
-            sin = base_sin[None, :] * step_c + base_cos[None, :] * step_s
+            if consecutive:
+                cos = base_cos[None, :] * step_c - base_sin[None, :] * step_s
+                sin = base_sin[None, :] * step_c + base_cos[None, :] * step_s
+            else:
+                table = table_row + t[:, None] * stride_ct + dims[None, :]
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
         else:
             cos, sin = rope
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
@@ -466,7 +472,7 @@ if triton is not None:
     @triton.jit
     def _scores_kernel(
         Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN, STEP,
-        T, TP, tiles_per_split, row_len, step_sin_at,
+        T, TP, tiles_per_split, row_len, step_sin,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
         scaling, rope_scale, eps,
@@ -478,13 +484,13 @@ if triton is not None:
         ALIGN: tl.constexpr, STEPS: tl.constexpr,
     ):  # fmt: skip
         """
-        STEPS (with ROPE_TABLE; 1: checked, 2: unchecked, for measurements only): RoPE by angle addition from STEP,
-        cos/sin (fp16) of the offsets 0..BT-1 (sines `step_sin_at` elements on), read from L1 by every program,
-        where every tile of the split has consecutive kept positions; else from the per-position tables. HPP (1, 2
-        or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and the RoPE
-        of a tile (tables read or angles evaluated) is shared by the HPP heads. Quantized latents (QUANT): CODEC holds
-        each head's n8, first code byte, first scale byte and code bytes (padded); ALIGN divides the row strides, code
-        bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
+        STEPS (with ROPE_TABLE): RoPE by angle addition from STEP, cos/sin (fp16) of the offsets 0..BT-1 (sines
+        `step_sin` elements on), read from L1 by every program, where a tile's kept positions are consecutive; the
+        per-position tables are read only for the other tiles. HPP (1, 2 or 4) KV heads per program: each head's
+        weights and queries stay on the chip for all its tiles, and the RoPE of a tile (tables read or angles
+        evaluated) is shared by the HPP heads. Quantized latents (QUANT): CODEC holds each head's n8, first code byte,
+        first scale byte and code bytes (padded); ALIGN divides the row strides, code bytes and n8 (loads of whole
+        words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -517,134 +523,72 @@ if triton is not None:
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
             step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
-        else:
-            step_cos = inv_freq  # (unused)
-            step_sin = inv_freq
         norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
         norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
         first = split * tiles_per_split
-        setups = (setup0,)
-        if HPP > 1:
-            setups = (setup0, setup1)
-        if HPP > 2:
-            setups = (setup0, setup1, setup2, setup3)
-        args = (
-            ZK, POS, VALID, S, COS, SIN, STEP, b, head0, setups, inv_freq, step_cos, step_sin, norm_lo, norm_hi, eps,
-            scaling, rope_scale, T, TP, step_sin_at, stride_zb, stride_zt, stride_pb, stride_vb, stride_sb, stride_sh,
-            stride_st, stride_cb, stride_ct, i, dims, g,
-        )  # fmt: skip
-        if ROPE_TABLE and STEPS:
-            # angle addition from the step table if every tile of the split has consecutive positions (checked
-            # first: a branch per tile costs registers and the software pipeline), else the per-position tables
-            broken = tl.zeros([], tl.int32)
-            if STEPS == 1:
-                for tile in range(first, first + tiles_per_split):
-                    broken += _broken(POS, VALID, b, tile, T, stride_pb, stride_vb, i, BT, HAS_VALID)
-            if broken == 0:
-                for tile in range(first, first + tiles_per_split):
-                    _tile(tile, args, 2, G, HALF, R1, R2, BT, HPP, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE,
-                          PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN)  # fmt: skip
-            else:
-                for tile in range(first, first + tiles_per_split):
-                    _tile(tile, args, 1, G, HALF, R1, R2, BT, HPP, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE,
-                          PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN)  # fmt: skip
-        elif ROPE_TABLE:
-            for tile in range(first, first + tiles_per_split):
-                _tile(tile, args, 1, G, HALF, R1, R2, BT, HPP, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE,
-                      PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN)  # fmt: skip
-        else:
-            for tile in range(first, first + tiles_per_split):
-                _tile(tile, args, 0, G, HALF, R1, R2, BT, HPP, HAS_VALID, HAS_BIAS, HAS_NORM, EXACT_ROPE,
-                      PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN)  # fmt: skip
-
-    @triton.jit
-    def _broken(POS, VALID, b, tile, T, stride_pb, stride_vb, i, BT: tl.constexpr, HAS_VALID: tl.constexpr):
-        """1 if a kept position of the tile is not its first plus the offset, else 0."""
-        t = tile * BT + i
-        in_range = t < T
-        keep = in_range
-        if HAS_VALID:
-            keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-        pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-        last = tl.minimum(tile * BT + BT - 1, T - 1)
-        start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
-        return tl.max(tl.where(keep & (pos != start + i), 1, 0), 0)
-
-    @triton.jit
-    def _tile(
-        tile, args, MODE: tl.constexpr,
-        G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr, HPP: tl.constexpr,
-        HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EXACT_ROPE: tl.constexpr,
-        PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr,
-        HAS4: tl.constexpr, ALIGN: tl.constexpr,
-    ):  # fmt: skip
-        """
-        The scores of one tile for the program's KV heads. MODE: 0, RoPE by angle addition from a step table kept
-        in registers (exact where positions are not consecutive, and for fp32); 1, per-position tables; 2, angle
-        addition from the step table in memory (the tile's positions known to be consecutive).
-        """
-        (ZK, POS, VALID, S, COS, SIN, STEP, b, head0, setups, inv_freq, step_cos, step_sin, norm_lo, norm_hi, eps,
-         scaling, rope_scale, T, TP, step_sin_at, stride_zb, stride_zt, stride_pb, stride_vb, stride_sb, stride_sh,
-         stride_st, stride_cb, stride_ct, i, dims, g) = args  # fmt: skip
-        t = tile * BT + i
-        in_range = t < T
-        stored = t < TP
-        keep = in_range
-        if HAS_VALID:
-            keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-        if MODE == 2:
-            last = tl.minimum(tile * BT + BT - 1, T - 1)
-            start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
-            base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-            rope = (STEP, base_cos * rope_scale, base_sin * rope_scale, step_sin_at)
-        elif MODE == 1:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
-            table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
-            cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
-            sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-            rope = (cos, sin)
-        else:
-            pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-            if EXACT_ROPE:
-                cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-            else:
-                # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last
+        for tile in range(first, first + tiles_per_split):
+            t = tile * BT + i
+            in_range = t < T
+            stored = t < TP
+            keep = in_range
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
+            if ROPE_TABLE and STEPS:  # angle addition where the tile's positions are consecutive (see `_turned`)
+                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
                 last = tl.minimum(tile * BT + BT - 1, T - 1)
                 start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
                 consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
-                if consecutive:
-                    base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-                    cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
-                    sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
-                else:
+                base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
+                rope = (COS, SIN, STEP, b * stride_cb, t, in_range, consecutive, base_cos * rope_scale,
+                        base_sin * rope_scale, step_sin, stride_ct)  # fmt: skip
+            elif ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
+                table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
+                rope = (cos, sin)
+            else:
+                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
+                if EXACT_ROPE:
                     cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-            rope = (cos * rope_scale, sin * rope_scale)
-        zrow = b * stride_zb + t * stride_zt
-        if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
-            zrow = tl.multiple_of(zrow, ALIGN)
-        srow = b * stride_sb
-        _head_tile_scores(
-            ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setups[0], norm_lo, norm_hi, eps, rope,
-            scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-            HAS8, HAS4, ALIGN, MODE == 2,
-        )  # fmt: skip
-        if HPP > 1:
+                else:
+                    # positions of a tile are consecutive (generate() gives that, padding aside): anchor at the last
+                    last = tl.minimum(tile * BT + BT - 1, T - 1)
+                    start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
+                    consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
+                    if consecutive:
+                        base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
+                        cos = base_cos[None, :] * step_cos - base_sin[None, :] * step_sin
+                        sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
+                    else:
+                        cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
+                rope = (cos * rope_scale, sin * rope_scale)
+            zrow = b * stride_zb + t * stride_zt
+            if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
+                zrow = tl.multiple_of(zrow, ALIGN)
+            srow = b * stride_sb
             _head_tile_scores(
-                ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setups[1], norm_lo, norm_hi, eps, rope,
+                ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, rope,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, MODE == 2,
+                HAS8, HAS4, ALIGN, STEPS,
             )  # fmt: skip
-        if HPP > 2:
-            _head_tile_scores(
-                ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setups[2], norm_lo, norm_hi, eps, rope,
-                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, MODE == 2,
-            )  # fmt: skip
-            _head_tile_scores(
-                ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setups[3], norm_lo, norm_hi, eps, rope,
-                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, MODE == 2,
-            )  # fmt: skip
+            if HPP > 1:
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, rope,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, STEPS,
+                )  # fmt: skip
+            if HPP > 2:
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, rope,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, STEPS,
+                )  # fmt: skip
+                _head_tile_scores(
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, rope,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, STEPS,
+                )  # fmt: skip
 
     @triton.jit
     def _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT: tl.constexpr):
@@ -774,9 +718,8 @@ DEFAULT_CONFIG = {
     "values_stages": 3,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
-    "rope_steps": True,  # with tables: angle addition from a step table where every tile of a split has consecutive
-    # positions, the per-position tables elsewhere (L1 instead of L2 traffic); "unchecked": never the tables (for
-    # measurements only: wrong where positions are not consecutive)
+    "rope_steps": True,  # with tables: angle addition from a step table where a tile's positions are consecutive,
+    # the per-position tables only elsewhere (L1 instead of L2 traffic)
     "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
@@ -988,7 +931,7 @@ def latent_decode_attention(
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
-    steps = (2 if cfg["rope_steps"] == "unchecked" else 1) if use_table and cfg["rope_steps"] else 0
+    steps = use_table and bool(cfg["rope_steps"])
     step = inv_freq  # (unused without steps)
     if use_table:
         tables = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
