@@ -58,9 +58,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores 2 KV heads a program": {"heads_per_program": 2},
     "scores 4 KV heads a program": {"heads_per_program": 4},
     "no RoPE tables (angle addition)": {"rope_table": None},
-    "tables without steps (per-position reads)": {"rope_steps": False},
-    "steps, scores 2 stages": {"scores_stages_tables": 2},
-    "steps, scores 8 warps": {"scores_warps": 8},
     "tiles of 32 tokens": {"block_tokens": 32},
     "tiles of 128 tokens": {"block_tokens": 128},
     "values block 64": {"value_block": 64},
@@ -90,7 +87,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only the default and per-value key dequantization")
     p.add_argument("--values", action="store_true", help="only the default and the values-pass variants")
     p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
-    p.add_argument("--only", nargs="*", help="only the variants whose names contain one of these (and the default)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     p.add_argument("--valid", action="store_true", help="a validity mask as the model passes (3 padding tokens)")
     args = p.parse_args()
@@ -111,8 +107,6 @@ def main() -> None:
             tables = tuple(t[:1].expand_as(t) for t in tables)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
         variants = QUICK if args.quick else VALUES if args.values else VARIANTS
-        if args.only:
-            variants = {k: v for k, v in variants.items() if k == "default" or any(o in k for o in args.only)}
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
         for label, config in variants.items():
             try:

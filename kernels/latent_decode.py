@@ -79,15 +79,6 @@ def rope_tables(
     return (freqs.cos() * rope_scale).to(dtype), (freqs.sin() * rope_scale).to(dtype)
 
 
-def rope_step_table(inv_freq: torch.Tensor, rows: int) -> torch.Tensor:
-    """
-    cos and sin (2, rows, head_dim / 2), fp16, of the position offsets 0..rows-1: the decode kernel turns a tile's
-    keys by angle addition from its first position with these (one small table for every program, read from L1).
-    """
-    angles = torch.arange(rows, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()
-    return torch.stack([angles.cos(), angles.sin()]).to(torch.float16)
-
-
 def latent_decode_reference(
     query: torch.Tensor,
     key_latents: torch.Tensor,
@@ -348,12 +339,12 @@ if triton is not None:
 
     @triton.jit
     def _rotated_keys(
-        ZK, zrow, tok_ok, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, rope,
+        ZK, zrow, tok_ok, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, STEPS: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
-        """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated (`_turned`), in the query dtype."""
+        """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
         k_lo, k_hi = _head_keys(
             ZK, zrow, tok_ok, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN
         )  # fmt: skip
@@ -364,31 +355,6 @@ if triton is not None:
             inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
             k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
             k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
-        return _turned(k_lo, k_hi, rope, DTYPE, STEPS)
-
-    @triton.jit
-    def _turned(k_lo, k_hi, rope, DTYPE: tl.constexpr, STEPS: tl.constexpr):
-        """
-        Keys (BT, HALF) twice turned by RoPE, in DTYPE. `rope`: the tile's (cos, sin); or, with STEPS, what angle
-        addition needs: cos/sin of the tile's first position (times the attention scaling) turned further by the
-        step table's offsets 0..BT-1, where the tile's kept positions are consecutive (else the per-position
-        tables' rows). The cos/sin are made here, after the rebuild, so that they do not hold registers across it.
-        """
-        if STEPS:
-            COS, SIN, STEP, table_row, t, in_range, consecutive, base_cos, base_sin, step_sin, stride_ct = rope
-            dims = tl.arange(0, k_lo.shape[1])
-            at = tl.arange(0, k_lo.shape[0])[:, None] * k_lo.shape[1] + dims[None, :]
-            step_c = tl.load(STEP + at).to(tl.float32)
-            step_s = tl.load(STEP + step_sin + at).to(tl.float32)
-            if consecutive:
-                cos = base_cos[None, :] * step_c - base_sin[None, :] * step_s
-                sin = base_sin[None, :] * step_c + base_cos[None, :] * step_s
-            else:
-                table = table_row + t[:, None] * stride_ct + dims[None, :]
-                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
-                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-        else:
-            cos, sin = rope
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
@@ -440,11 +406,11 @@ if triton is not None:
 
     @triton.jit
     def _head_tile_scores(
-        ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, rope, scaling,
+        ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, STEPS: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
@@ -453,8 +419,8 @@ if triton is not None:
         """
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
         rot_lo, rot_hi = _rotated_keys(
-            ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, rope,
-            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, STEPS,
+            ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
         )  # fmt: skip
         scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
         scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
@@ -471,8 +437,8 @@ if triton is not None:
 
     @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN, STEP,
-        T, TP, tiles_per_split, row_len, step_sin,
+        Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
+        T, TP, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
         scaling, rope_scale, eps,
@@ -481,16 +447,13 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, STEPS: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
-        STEPS (with ROPE_TABLE): RoPE by angle addition from STEP, cos/sin (fp16) of the offsets 0..BT-1 (sines
-        `step_sin` elements on), read from L1 by every program, where a tile's kept positions are consecutive; the
-        per-position tables are read only for the other tiles. HPP (1, 2 or 4) KV heads per program: each head's
-        weights and queries stay on the chip for all its tiles, and the RoPE of a tile (tables read or angles
-        evaluated) is shared by the HPP heads. Quantized latents (QUANT): CODEC holds each head's n8, first code byte,
-        first scale byte and code bytes (padded); ALIGN divides the row strides, code bytes and n8 (loads of whole
-        words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
+        HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
+        the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads. Quantized latents (QUANT):
+        CODEC holds each head's n8, first code byte, first scale byte and code bytes (padded); ALIGN divides the row
+        strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -534,19 +497,10 @@ if triton is not None:
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-            if ROPE_TABLE and STEPS:  # angle addition where the tile's positions are consecutive (see `_turned`)
-                pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
-                last = tl.minimum(tile * BT + BT - 1, T - 1)
-                start = tl.load(POS + b * stride_pb + last) - (last - tile * BT)
-                consecutive = tl.max(tl.where(keep & (pos != start + i), 1, 0), 0) == 0
-                base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-                rope = (COS, SIN, STEP, b * stride_cb, t, in_range, consecutive, base_cos * rope_scale,
-                        base_sin * rope_scale, step_sin, stride_ct)  # fmt: skip
-            elif ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
+            if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
                 sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-                rope = (cos, sin)
             else:
                 pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
                 if EXACT_ROPE:
@@ -562,32 +516,33 @@ if triton is not None:
                         sin = base_sin[None, :] * step_cos + base_cos[None, :] * step_sin
                     else:
                         cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
-                rope = (cos * rope_scale, sin * rope_scale)
+                cos = cos * rope_scale
+                sin = sin * rope_scale
             zrow = b * stride_zb + t * stride_zt
             if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
             _head_tile_scores(
-                ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, rope,
+                ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, STEPS,
+                HAS8, HAS4, ALIGN,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, rope,
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, STEPS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, rope,
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, STEPS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, rope,
+                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, STEPS,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
 
     @triton.jit
@@ -718,8 +673,6 @@ DEFAULT_CONFIG = {
     "values_stages": 3,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
-    "rope_steps": True,  # with tables: angle addition from a step table where a tile's positions are consecutive,
-    # the per-position tables only elsewhere (L1 instead of L2 traffic)
     "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
@@ -875,8 +828,7 @@ def latent_decode_attention(
     """
     The Triton version of `latent_decode_reference` (same arguments, same result); fp16, bf16 or fp32. `tables`:
     `rope_tables(...)` of these positions (16-bit inputs only), which makes the scores pass about twice as fast;
-    without them RoPE uses angle addition; a third element may give `rope_step_table(inv_freq, rows)` of at least
-    `block_tokens` rows (else it is made here). `config` overrides the launch settings of `DEFAULT_CONFIG`. `codecs`:
+    without them RoPE uses angle addition. `config` overrides the launch settings of `DEFAULT_CONFIG`. `codecs`:
     the layer's (key, value) `LatentCodec`s when the latents are quantized; `key_latents` and `value_latents` are
     then their uint8 rows, dequantized on the fly (the reference of that is the codecs' `decode`).
     """
@@ -931,15 +883,9 @@ def latent_decode_attention(
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
-    steps = use_table and bool(cfg["rope_steps"])
-    step = inv_freq  # (unused without steps)
     if use_table:
-        tables = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
-        cos_t, sin_t = tables[:2]  # (the scaling is in them; the kernel applies rope_scale to angle addition only)
-        if steps:
-            step = tables[2] if len(tables) > 2 else rope_step_table(inv_freq, block_tokens)
-            if step.dim() != 3 or step.shape[1] < block_tokens or not step.is_contiguous():
-                raise ValueError(f"step table {tuple(step.shape)}: use rope_step_table(inv_freq, {block_tokens})")
+        cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
+        rope_scale = 1.0  # already in the tables
 
     hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
     _, per_split = _splits(
@@ -960,8 +906,8 @@ def latent_decode_attention(
         cos_t = sin_t = scores
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
-        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t, step,
-        tokens, padded, per_split, row_len, step.stride(0),
+        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
+        tokens, padded, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
         cos_t.stride(0), cos_t.stride(1),
@@ -970,7 +916,7 @@ def latent_decode_attention(
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
-        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags, STEPS=steps,
+        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
@@ -1019,11 +965,4 @@ def latent_decode_attention(
     return out.reshape(batch, num_heads, head_dim)
 
 
-__all__ = [
-    "latent_decode_attention",
-    "latent_decode_reference",
-    "rope_cos_sin",
-    "rope_step_table",
-    "rope_tables",
-    "use_decode_kernel",
-]
+__all__ = ["latent_decode_attention", "latent_decode_reference", "rope_cos_sin", "rope_tables", "use_decode_kernel"]
