@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only the default and per-value key dequantization")
     p.add_argument("--values", action="store_true", help="only the default and the values-pass variants")
     p.add_argument("--shared-tables", action="store_true", help="one RoPE table for all sequences (batch stride 0)")
+    p.add_argument("--only", nargs="*", help="only the variants whose names contain one of these (and the default)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     p.add_argument("--valid", action="store_true", help="a validity mask as the model passes (3 padding tokens)")
     args = p.parse_args()
@@ -107,6 +108,8 @@ def main() -> None:
             tables = tuple(t[:1].expand_as(t) for t in tables)
         query = torch.randn(batch, heads, 128, device="cuda", dtype=torch.bfloat16)
         variants = QUICK if args.quick else VALUES if args.values else VARIANTS
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k == "default" or any(o in k for o in args.only)}
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
         for label, config in variants.items():
             try:
