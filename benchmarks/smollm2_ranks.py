@@ -36,6 +36,7 @@ from starkv_convert.quant_split import (
     split_summary,
 )
 from starkv_convert.ranks import make_budget, quantization_plan
+from starkv_convert.rotation import rotate_4bit_channels
 from starkv_convert.statistics import attention_input_moments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
@@ -65,6 +66,13 @@ def main() -> None:
         "--kv-auto-blocks", type=int, default=DEFAULT_BLOCKS, help="auto: calibration blocks measured (of the 32)"
     )
     p.add_argument("--kv-auto-budget", nargs="+", default=["model"], choices=AUTO_BUDGETS, help="auto: one row each")
+    p.add_argument(
+        "--kv-rotate",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="4-bit channels rotated as the converter exports them (on, its default) or not: one row each",
+    )
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -127,17 +135,25 @@ def main() -> None:
                 )
                 print(f"{method:8s} ratio {ratio} damp {damp}: kept {plan.ratio(shape):.4f} ppl {ppl:.3f}", flush=True)
                 state = latent_state_dict(model.state_dict(), used, plan, torch.float32)
-                errors, split_s = None, None
+                errors, split_s = {}, None
                 if "auto" in args.kv_bits:  # the converter's measurement, on the unquantized model just evaluated
                     t = time.perf_counter()
-                    errors = measure_split_errors(converted, pick_blocks(calib, args.kv_auto_blocks), progress=False)
-                    split_s = round(time.perf_counter() - t, 1)
-                settings = [(b, None) for b in args.kv_bits if b not in ("16", "auto")]
-                settings += [("auto", pool) for pool in args.kv_auto_budget] if errors is not None else []
-                for bits, pool in settings:
-                    kv_quant = quantization_plan(plan, bits, args.kv_8bit_share, errors=errors, auto_budget=pool)
+                    for rotate in args.kv_rotate:
+                        blocks = pick_blocks(calib, args.kv_auto_blocks)
+                        errors[rotate] = measure_split_errors(converted, blocks, progress=False, rotate=rotate == "on")
+                    split_s = round((time.perf_counter() - t) / len(args.kv_rotate), 1)
+                settings = [(b, None, r) for b in args.kv_bits if b not in ("16", "auto") for r in args.kv_rotate]
+                settings += [("auto", pool, r) for pool in args.kv_auto_budget for r in errors]
+                for bits, pool, rotate in settings:
+                    kv_quant = quantization_plan(
+                        plan, bits, args.kv_8bit_share, errors=errors.get(rotate), auto_budget=pool
+                    )
+                    rotated = state
+                    if rotate == "on" and bits != "8":  # as the converter exports it
+                        rotated = dict(state)
+                        rotate_4bit_channels(rotated, plan, kv_quant)
                     quantized = build_model(
-                        starkv_config(model.config, plan, torch.float32, kv_quant), state, args.device
+                        starkv_config(model.config, plan, torch.float32, kv_quant), rotated, args.device
                     )
                     q_ppl = perplexity(quantized, windows)
                     split = split_summary(plan, kv_quant, bits, args.kv_8bit_share)
@@ -149,19 +165,20 @@ def main() -> None:
                             "kv_bits": bits,
                             "kv_8bit_share": args.kv_8bit_share if bits in ("mixed", "auto") else None,
                             "kv_auto_budget": pool,
+                            "kv_rotate": rotate == "on" and bits != "8",
                             "perplexity": q_ppl,
                             "vs_unquantized": q_ppl / ppl,
                             "latent_bytes_per_token": latent_bytes,
                             "reduction_vs_bf16_base": 2 * 2 * shape.side_floats * shape.num_layers / latent_bytes,
                             **{k: split[k] for k in ("share_8bit", "k_share_8bit", "v_share_8bit", "block_n8")},
                             # the measured relative key/value errors of this split, summed over blocks (calibration)
-                            "split_error": side_errors(errors, flat_n8(plan, kv_quant)) if errors is not None else None,
+                            "split_error": side_errors(errors[rotate], flat_n8(plan, kv_quant)) if errors else None,
                             "split_measure_s": split_s if bits == "auto" else None,
                             "kv_n8": {"k": kv_quant["k_n8"], "v": kv_quant["v_n8"]} if bits == "auto" else None,
                         }
                     )
-                    label = f"{bits} {pool}" if pool else bits
-                    error = f" split error {rows[-1]['split_error']['total']:.4g}" if errors is not None else ""
+                    label = (f"{bits} {pool}" if pool else bits) + (" rotated" if rows[-1]["kv_rotate"] else "")
+                    error = f" split error {rows[-1]['split_error']['total']:.4g}" if errors else ""
                     print(
                         f"{method:8s} ratio {ratio} {label:>10s} bits: {latent_bytes} B/token ppl {q_ppl:.3f}{error}",
                         flush=True,

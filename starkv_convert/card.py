@@ -181,7 +181,7 @@ def _quantization_section(report: dict[str, Any]) -> str:
 The cache stores each block's latents (one KV head's keys, or one layer's values) as int8 codes for its leading
 channels (largest singular values first) and packed int4 codes for the rest, with one fp16 scale per token and group of
 {q["group"]} channels; each block's codes start at a multiple of {q.get("row_align", 1)} bytes of the cache row (the
-decode kernel then reads them in whole words). Split: {split}.
+decode kernel then reads them in whole words). Split: {split}.{_rotation_text(q)}
 
 | | all blocks | keys | values | per block (min to max) |
 |---|---|---|---|---|
@@ -189,6 +189,16 @@ decode kernel then reads them in whole words). Split: {split}.
 | latent bytes per token (all compressed layers) | {_fmt(q["latent_bytes_per_token"])} | | | |
 
 """
+
+
+def _rotation_text(q: dict[str, Any]) -> str:
+    if not q.get("rotated_4bit"):
+        return ""
+    return (
+        " Each block's 4-bit channels are rotated by a fixed orthogonal matrix folded into its factors (the model is"
+        " unchanged at full precision; the rotation spreads the leading channels' energy so that each group's scale"
+        " fits all of its channels)."
+    )
 
 
 def _auto_text(q: dict[str, Any]) -> str:

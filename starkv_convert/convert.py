@@ -48,6 +48,7 @@ from .ranks import (
     quantization_plan,
     uniform_ranks,
 )
+from .rotation import rotate_4bit_channels
 from .statistics import attention_input_moments
 from .validation import validate_checkpoint
 
@@ -84,6 +85,7 @@ class ConvertOptions:
     kv_auto_blocks: int | None = None  # "auto": calibration blocks measured (None: quant_split.DEFAULT_BLOCKS)
     kv_auto_budget: str | None = None  # "auto": mixed's bytes pooled over the "model" (None) or per "side"
     kv_row_align: int | None = None  # quantized: cache rows' alignment in bytes (None: latent_quant.ROW_ALIGN, 4)
+    kv_rotate: bool | None = None  # 4-bit channels rotated before quantization (rotation.py; None: yes)
     learn: LearnOptions = field(default_factory=LearnOptions)
     resume: bool = False
     overwrite: bool = False
@@ -130,6 +132,8 @@ def check_options(options: ConvertOptions) -> None:
         raise StarKVError("--kv-row-align applies to quantized latents: add --kv-bits 8, 4, mixed or auto")
     if options.kv_row_align not in (None, 1, 2, 4, 8, 16):
         raise StarKVError(f"--kv-row-align {options.kv_row_align}: use 1, 2, 4, 8 or 16 (bytes)")
+    if options.kv_rotate is not None and options.kv_bits in ("16", "8"):
+        raise StarKVError("--kv-rotate / --no-kv-rotate apply to 4-bit latent channels: add --kv-bits 4, mixed or auto")
     if options.kv_auto_blocks is not None and options.kv_auto_blocks < 1:
         raise StarKVError(f"--kv-auto-blocks must be >= 1, got {options.kv_auto_blocks}")
     if options.resume and options.method != "learned":
@@ -216,21 +220,25 @@ def choose_quantization(
     """
     The config's `kv_quant` for --kv-bits and its summary for the report (None, None for 16 bits). For "auto" the
     exported model (`state`, latents unquantized) first runs a few calibration blocks on `device`, measuring every
-    block's error for every split (`quant_split`).
+    block's error for every split (`quant_split`), with the 4-bit channels rotated as they will be exported.
     """
     if options.kv_bits == "16":
         return None, None
     errors = None
+    rotate = options.kv_rotate is not False
     if options.kv_bits == "auto":
         probe = build_model(starkv_config(base_config, plan, dtype), state, device)
         blocks = pick_blocks(calibration.blocks, options.kv_auto_blocks or DEFAULT_BLOCKS)
-        errors = measure_split_errors(probe, blocks, batch_size=options.batch_size, progress=options.progress)
+        errors = measure_split_errors(
+            probe, blocks, batch_size=options.batch_size, progress=options.progress, rotate=rotate
+        )
         del probe
     pool = options.kv_auto_budget or AUTO_BUDGETS[0]
     kv_quant = quantization_plan(
         plan, options.kv_bits, options.kv_8bit_share, errors=errors, auto_budget=pool, align=options.kv_row_align
     )
     summary = split_summary(plan, kv_quant, options.kv_bits, options.kv_8bit_share, errors, pool)
+    summary["rotated_4bit"] = rotate and summary["share_8bit"] < 1
     if errors is not None:
         error = summary["relative_error"]
         _log(
@@ -453,6 +461,8 @@ def convert(options: ConvertOptions) -> Path:
         kv_quant, quantization = choose_quantization(
             model.config, plan, state, dtype, calibration, check_device, options
         )
+        if quantization is not None and quantization["rotated_4bit"]:
+            rotate_4bit_channels(state, plan, kv_quant)
         if options.kv_bits == "auto":
             t = lap("quant_split", t)
         config = starkv_config(model.config, plan, dtype, kv_quant)

@@ -22,6 +22,7 @@ from .errors import StarKVError
 from .placement import input_device
 from .ranks import RankPlan, quantization_plan
 from .remote_code import import_remote
+from .rotation import rotate_rows, unrotate_rows
 
 DEFAULT_BLOCKS = 4  # calibration blocks measured by --kv-bits auto
 AUTO_BUDGETS = ("side", "model")  # --kv-auto-budget: mixed's bytes kept per side (K, V), or shared by all blocks
@@ -58,10 +59,13 @@ def pick_blocks(blocks: torch.Tensor, count: int) -> torch.Tensor:
     return blocks[torch.linspace(0, len(blocks) - 1, count).round().long()]
 
 
-def split_errors_of(z: torch.Tensor, up: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_errors_of(
+    z: torch.Tensor, up: torch.Tensor, group: int, rotate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     (squared error of the rebuilt rows for n8 = 0..rank, squared norm of the rebuilt rows), float64, of latents
-    z (..., rank) quantized with each split and rebuilt by `up` (out, rank), summed over tokens.
+    z (..., rank) quantized with each split and rebuilt by `up` (out, rank), summed over tokens. `rotate`: each
+    split's 4-bit channels are quantized rotated, as the converter exports them (`rotation`).
     """
     quant = _quant()
     z = z.reshape(-1, z.shape[-1])
@@ -73,19 +77,26 @@ def split_errors_of(z: torch.Tensor, up: torch.Tensor, group: int) -> tuple[torc
 
     errors = []
     for n8 in range(z.shape[-1] + 1):
-        rebuilt = quant.dequantize_latents(quant.quantize_latents(z, n8, group))
-        errors.append(energy(rebuilt - exact))
+        stored = rotate_rows(exact, n8) if rotate else exact
+        error = quant.dequantize_latents(quant.quantize_latents(stored, n8, group)) - stored
+        errors.append(energy(unrotate_rows(error, n8) if rotate else error))
     return torch.stack(errors), energy(exact)
 
 
 @torch.no_grad()
 def measure_split_errors(
-    model: Any, blocks: torch.Tensor, group: int = 32, batch_size: int = 4, progress: bool = True
+    model: Any,
+    blocks: torch.Tensor,
+    group: int = 32,
+    batch_size: int = 4,
+    progress: bool = True,
+    rotate: bool = False,
 ) -> SplitErrors:
     """
     Runs `blocks` (n, seq_len) through a STAR-KV `model` and measures, with hooks on its latent projections, the
     relative error of every split of every block (statistics accumulate batch by batch; no activation is kept).
-    The model's own quantization, if it has one, is not involved: the hooks see the latents before it.
+    The model's own quantization, if it has one, is not involved: the hooks see the latents before it. `rotate`:
+    as the converter will export the split, with its 4-bit channels rotated.
     """
     config = model.config
     layers = [i for i in range(config.num_hidden_layers) if config.is_compressed(i)]
@@ -96,7 +107,7 @@ def measure_split_errors(
     energy: dict[tuple[int, str], torch.Tensor | float] = {}
 
     def add(layer: int, side: str, head: int, z: torch.Tensor, up: torch.Tensor) -> None:
-        err, e = split_errors_of(z, up, group)
+        err, e = split_errors_of(z, up, group, rotate)
         b = index[(layer, side, head)]
         errors[b] = errors[b] + err.cpu()
         energy[(layer, side)] = energy.get((layer, side), 0.0) + e.cpu()
