@@ -135,13 +135,13 @@ def main() -> None:
                 )
                 print(f"{method:8s} ratio {ratio} damp {damp}: kept {plan.ratio(shape):.4f} ppl {ppl:.3f}", flush=True)
                 state = latent_state_dict(model.state_dict(), used, plan, torch.float32)
-                errors, split_s = {}, None
+                errors, split_s = {}, {}
                 if "auto" in args.kv_bits:  # the converter's measurement, on the unquantized model just evaluated
-                    t = time.perf_counter()
                     for rotate in args.kv_rotate:
+                        t = time.perf_counter()
                         blocks = pick_blocks(calib, args.kv_auto_blocks)
                         errors[rotate] = measure_split_errors(converted, blocks, progress=False, rotate=rotate == "on")
-                    split_s = round((time.perf_counter() - t) / len(args.kv_rotate), 1)
+                        split_s[rotate] = round(time.perf_counter() - t, 1)
                 settings = [(b, None, r) for b in args.kv_bits if b not in ("16", "auto") for r in args.kv_rotate]
                 settings += [("auto", pool, r) for pool in args.kv_auto_budget for r in errors]
                 for bits, pool, rotate in settings:
@@ -173,7 +173,7 @@ def main() -> None:
                             **{k: split[k] for k in ("share_8bit", "k_share_8bit", "v_share_8bit", "block_n8")},
                             # the measured relative key/value errors of this split, summed over blocks (calibration)
                             "split_error": side_errors(errors[rotate], flat_n8(plan, kv_quant)) if errors else None,
-                            "split_measure_s": split_s if bits == "auto" else None,
+                            "split_measure_s": split_s.get(rotate) if bits == "auto" else None,
                             "kv_n8": {"k": kv_quant["k_n8"], "v": kv_quant["v_n8"]} if bits == "auto" else None,
                         }
                     )

@@ -8,6 +8,7 @@ from .factorize import LayerFactors
 from .families import starkv_config_kwargs
 from .ranks import RankPlan
 from .remote_code import import_remote
+from .rotation import rotate_block
 
 AUTO_MAP = {
     "AutoConfig": "configuration_starkv.StarKVConfig",
@@ -36,10 +37,13 @@ def latent_state_dict(
     factors: dict[int, LayerFactors],
     plan: RankPlan,
     dtype: torch.dtype,
+    kv_quant: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     The converted model's tensors: the base model's, except that each compressed layer's k_proj/v_proj become
-    k_a_proj/k_b_proj/v_a_proj/v_b_proj (factors cast to `dtype`; biases kept as they were).
+    k_a_proj/k_b_proj/v_a_proj/v_b_proj (factors cast to `dtype`; biases kept as they were). With `kv_quant`, each
+    block's 4-bit channels are rotated first (`rotation.rotate_block`, before the cast, so 16-bit factors are
+    rounded once).
     """
     state = dict(base_state_dict)
     for layer, k_ranks in enumerate(plan.k):
@@ -50,9 +54,15 @@ def latent_state_dict(
             del state[prefix + name]
         k_bias, v_bias = state.pop(prefix + "k_proj.bias", None), state.pop(prefix + "v_proj.bias", None)
         ups, downs = zip(*(f.truncated(r) for f, r in zip(factors[layer].k, k_ranks)))
-        state[prefix + "k_a_proj.weight"] = torch.cat(downs, dim=0).to(dtype).contiguous()
-        state[prefix + "k_b_proj.weight"] = torch.cat(ups, dim=1).to(dtype).contiguous()
-        v_up, v_down = factors[layer].v.truncated(plan.v[layer])
+        k_down, k_up = torch.cat(downs, dim=0).double(), torch.cat(ups, dim=1).double()  # (factors are float64)
+        v_up, v_down = (t.double().clone() for t in factors[layer].v.truncated(plan.v[layer]))
+        if kv_quant is not None:
+            starts = [sum(k_ranks[:j]) for j in range(len(k_ranks))]
+            for start, rank, n8 in zip(starts, k_ranks, kv_quant["k_n8"][layer]):
+                rotate_block(k_down, k_up, start, rank, n8)
+            rotate_block(v_down, v_up, 0, plan.v[layer], kv_quant["v_n8"][layer])
+        state[prefix + "k_a_proj.weight"] = k_down.to(dtype).contiguous()
+        state[prefix + "k_b_proj.weight"] = k_up.to(dtype).contiguous()
         state[prefix + "v_a_proj.weight"] = v_down.to(dtype).contiguous()
         state[prefix + "v_b_proj.weight"] = v_up.to(dtype).contiguous()
         if k_bias is not None:

@@ -194,11 +194,14 @@ decode kernel then reads them in whole words). Split: {split}.{_rotation_text(q)
 def _rotation_text(q: dict[str, Any]) -> str:
     if not q.get("rotated_4bit"):
         return ""
-    return (
-        " Each block's 4-bit channels are rotated by a fixed orthogonal matrix folded into its factors (the model is"
-        " unchanged at full precision; the rotation spreads the leading channels' energy so that each group's scale"
-        " fits all of its channels)."
+    text = (
+        "\nBefore they are quantized, each block's 4-bit channels are rotated by a fixed orthogonal matrix folded into"
+        " its factors: the model is unchanged at full precision, and the energy of the few large channels is spread"
+        " over all of them, so that each group's scale fits every channel it covers."
     )
+    if q["method"] == "auto":
+        text += " The split errors above were measured with this rotation."
+    return text
 
 
 def _auto_text(q: dict[str, Any]) -> str:

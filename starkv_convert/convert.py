@@ -48,7 +48,7 @@ from .ranks import (
     quantization_plan,
     uniform_ranks,
 )
-from .rotation import rotate_4bit_channels
+from .rotation import rotates_any
 from .statistics import attention_input_moments
 from .validation import validate_checkpoint
 
@@ -238,7 +238,7 @@ def choose_quantization(
         plan, options.kv_bits, options.kv_8bit_share, errors=errors, auto_budget=pool, align=options.kv_row_align
     )
     summary = split_summary(plan, kv_quant, options.kv_bits, options.kv_8bit_share, errors, pool)
-    summary["rotated_4bit"] = rotate and summary["share_8bit"] < 1
+    summary["rotated_4bit"] = rotate and rotates_any(plan, kv_quant)
     if errors is not None:
         error = summary["relative_error"]
         _log(
@@ -453,16 +453,17 @@ def convert(options: ConvertOptions) -> Path:
             t = lap("learn", t)
         _log(options, f"{options.method} ranks keep {plan.ratio(shape):.1%} of the KV cache")
 
-        state = latent_state_dict(full_state_dict(model), factors, plan, dtype)
-        del factors, moments
+        base_state = full_state_dict(model)
+        state = latent_state_dict(base_state, factors, plan, dtype)
         # an offloaded conversion measures and validates on the CPU: the checkpoint's attention reads its
         # up-projection weights directly, which accelerate's offload hooks do not bring in (spreading over GPUs works)
         check_device = "cpu" if options.device_map else device
         kv_quant, quantization = choose_quantization(
             model.config, plan, state, dtype, calibration, check_device, options
         )
-        if quantization is not None and quantization["rotated_4bit"]:
-            rotate_4bit_channels(state, plan, kv_quant)
+        if quantization is not None and quantization["rotated_4bit"]:  # the factors' 4-bit channels, before the cast
+            state = latent_state_dict(base_state, factors, plan, dtype, kv_quant)
+        del factors, moments, base_state
         if options.kv_bits == "auto":
             t = lap("quant_split", t)
         config = starkv_config(model.config, plan, dtype, kv_quant)

@@ -5,7 +5,8 @@ A block (one KV head's key latents, or one layer's value latents) stores its lea
 rest in int4, with an fp16 scale per token and group of channels (modeling/latent_quant.py, whose functions are used
 here as they are). `measure_split_errors` runs a few calibration blocks through the unquantized STAR-KV model and,
 for every block and every n8 in 0..rank, accumulates the error that this split leaves in the rebuilt keys/values:
-sum over tokens of ||(z_hat - z) B^T||^2, with z the block's latents, z_hat them quantized and dequantized, and B the
+sum over tokens of ||(z_hat - z) B^T||^2, with z the block's latents, z_hat them quantized and dequantized (with the
+split's 4-bit channels rotated before and turned back after, as the converter exports them: `rotation`), and B the
 block's up-projection; it is divided by the energy of the layer's rebuilt keys (or values), the sum over the layer's
 blocks of ||z B^T||^2. Biases and Qwen3's k-norm are left out (a key bias moves all of a query's scores alike).
 `choose_split` then picks the split of least summed error within a byte budget: the bytes per token of
