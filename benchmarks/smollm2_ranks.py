@@ -36,7 +36,6 @@ from starkv_convert.quant_split import (
     split_summary,
 )
 from starkv_convert.ranks import make_budget, quantization_plan
-from starkv_convert.rotation import rotate_4bit_channels
 from starkv_convert.statistics import attention_input_moments
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2-test.txt"
@@ -137,9 +136,9 @@ def main() -> None:
                 state = latent_state_dict(model.state_dict(), used, plan, torch.float32)
                 errors, split_s = {}, {}
                 if "auto" in args.kv_bits:  # the converter's measurement, on the unquantized model just evaluated
+                    blocks = pick_blocks(calib, args.kv_auto_blocks)
                     for rotate in args.kv_rotate:
                         t = time.perf_counter()
-                        blocks = pick_blocks(calib, args.kv_auto_blocks)
                         errors[rotate] = measure_split_errors(converted, blocks, progress=False, rotate=rotate == "on")
                         split_s[rotate] = round(time.perf_counter() - t, 1)
                 settings = [(b, None, r) for b in args.kv_bits if b not in ("16", "auto") for r in args.kv_rotate]
@@ -149,9 +148,8 @@ def main() -> None:
                         plan, bits, args.kv_8bit_share, errors=errors.get(rotate), auto_budget=pool
                     )
                     rotated = state
-                    if rotate == "on" and bits != "8":  # as the converter exports it
-                        rotated = dict(state)
-                        rotate_4bit_channels(rotated, plan, kv_quant)
+                    if rotate == "on" and bits != "8":  # as the converter exports it: the factors rotated, then cast
+                        rotated = latent_state_dict(model.state_dict(), used, plan, torch.float32, kv_quant)
                     quantized = build_model(
                         starkv_config(model.config, plan, torch.float32, kv_quant), rotated, args.device
                     )
