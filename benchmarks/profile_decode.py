@@ -54,7 +54,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
     "values dequantized per value": {"grouped_values": False},
     "fold query off (G = 1: keys rebuilt)": {"fold_query": False},
-    "half RoPE (16-bit rotation)": {"half_rope": True},
     "scores buffer fp32": {"half_scores": False},
     "scores buffer fp16": {"half_scores": True},
     "scores 2 KV heads a program": {"heads_per_program": 2},

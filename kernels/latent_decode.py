@@ -355,10 +355,6 @@ if triton is not None:
             inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
             k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
             k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
-        if cos.dtype != tl.float32:  # 16-bit tables: rotated in their dtype (paired 16-bit instructions), as
-            # transformers' apply_rotary_pos_emb rotates in the model's dtype
-            k_lo = k_lo.to(cos.dtype)
-            k_hi = k_hi.to(cos.dtype)
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
@@ -491,7 +487,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, FOLD: tl.constexpr, HALF_ROPE: tl.constexpr,
+        ALIGN: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -543,11 +539,8 @@ if triton is not None:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
-                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0)
-                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0)
-                if not HALF_ROPE:
-                    cos = cos.to(tl.float32)
-                    sin = sin.to(tl.float32)
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
             else:
                 pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
                 if EXACT_ROPE:
@@ -726,7 +719,6 @@ DEFAULT_CONFIG = {
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "fold_query": True,  # G = 1 without k-norm: the query folded into the up-projection, keys never rebuilt
-    "half_rope": False,  # RoPE tables: keys rotated in the tables' 16-bit dtype (else in fp32)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -945,7 +937,6 @@ def latent_decode_attention(
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
     half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2
     fold = groups == 1 and k_norm is None and bool(cfg["fold_query"])
-    half_rope = use_table and not fold and bool(cfg["half_rope"]) and cos_t.dtype == query.dtype
     scores_dtype = torch.float16 if half and not exact else torch.float32
     if cfg["token_major_scores"]:
         scores = _alloc(batch, padded, num_heads, device=device, dtype=scores_dtype)
@@ -967,7 +958,7 @@ def latent_decode_attention(
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
-        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags, FOLD=fold, HALF_ROPE=half_rope,
+        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags, FOLD=fold,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -178,7 +178,6 @@ PATHS = {  # launch settings that select each variant of the kernels
     "pow2 ranks, unaligned, BT 16": {"rank_pad": 0, "aligned_latents": False, "block_tokens": 16},
     "4 heads/program": {"heads_per_program": 4},
     "4 heads/program, tables, aligned": {"heads_per_program": 4, "rope_table": True, "aligned_latents": True},
-    "tables, 16-bit RoPE": {"rope_table": True, "half_rope": True},
 }
 
 
