@@ -53,7 +53,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 32": {"value_block": 32},
     "keys dequantized per value": {"grouped_keys": False},  # (quantized latents only)
     "values dequantized per value": {"grouped_values": False},
-    "fold query off (G = 1: keys rebuilt)": {"fold_query": False},
     "scores buffer fp32": {"half_scores": False},
     "scores buffer fp16": {"half_scores": True},
     "scores 2 KV heads a program": {"heads_per_program": 2},

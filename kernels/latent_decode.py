@@ -358,26 +358,14 @@ if triton is not None:
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
-    def _fold(w_lo, w_hi, q_lo, q_hi):
-        """
-        Up-projection rows (R, HALF) twice with one query folded in: W_lo q_lo + W_hi q_hi and W_lo q_hi - W_hi q_lo
-        (per column), so that latents times them give the query's products with the keys before RoPE.
-        """
-        lo, hi = w_lo.to(tl.float32), w_hi.to(tl.float32)
-        u = lo * q_lo[None, :] + hi * q_hi[None, :]
-        return u.to(w_lo.dtype), (lo * q_hi[None, :] - hi * q_lo[None, :]).to(w_lo.dtype)
-
-    @triton.jit
     def _head_setup(
         Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
         HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
-        FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
-        or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie. FOLD (G
-        = 1): the query is folded into the up-projection and the bias (`_fold`).
+        or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
@@ -414,22 +402,6 @@ if triton is not None:
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        if FOLD:
-            qf_lo = tl.sum(q_lo.to(tl.float32), 1)  # (HALF,): the one query head (the padded columns are zero)
-            qf_hi = tl.sum(q_hi.to(tl.float32), 1)
-            f0, f1 = _fold(wts[0], wts[1], qf_lo, qf_hi)
-            f2, f3 = _fold(wts[2], wts[3], qf_lo, qf_hi)
-            folded = (f0, f1, f2, f3)
-            if SLOTS > 1:
-                f4, f5 = _fold(wts[4], wts[5], qf_lo, qf_hi)
-                f6, f7 = _fold(wts[6], wts[7], qf_lo, qf_hi)
-                folded = (f0, f1, f2, f3, f4, f5, f6, f7)
-            if SLOTS > 2:
-                f8, f9 = _fold(wts[8], wts[9], qf_lo, qf_hi)
-                f10, f11 = _fold(wts[10], wts[11], qf_lo, qf_hi)
-                folded = (f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11)
-            wts = folded
-            bias_lo, bias_hi = bias_lo * qf_lo + bias_hi * qf_hi, bias_lo * qf_hi - bias_hi * qf_lo
         return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size)
 
     @triton.jit
@@ -438,32 +410,20 @@ if triton is not None:
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, FOLD: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
-        the stores vectorize). FOLD (G = 1, no k-norm): q . RoPE(k) = sum over frequencies of cos (q_lo k_lo + q_hi
-        k_hi) + sin (q_hi k_lo - q_lo k_hi), and both sums come from the latents times the folded up-projection, so the
-        keys are never rebuilt: one dot per half and two FMAs per frequency instead of RoPE, a cast and a second dot.
+        the stores vectorize).
         """
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
-        if FOLD:
-            a, b = _head_keys(
-                ZK, zrow, in_range, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN
-            )  # fmt: skip
-            if HAS_BIAS:
-                a += bias_lo[None, :]
-                b += bias_hi[None, :]
-            scores = tl.sum(a * cos + b * sin, 1) * scaling
-            scores = scores[:, None] + tl.zeros([zrow.shape[0], g.shape[0]], tl.float32)  # (BT, GP)
-        else:
-            rot_lo, rot_hi = _rotated_keys(
-                ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
-                HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
-            )  # fmt: skip
-            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
-            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+        rot_lo, rot_hi = _rotated_keys(
+            ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
+        )  # fmt: skip
+        scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+        scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
         if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
             # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
             # a single token is past the range: the softmax is one-hot on it either way)
@@ -487,7 +447,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, FOLD: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -507,21 +467,21 @@ if triton is not None:
         i = tl.arange(0, BT)
         setup0 = _head_setup(
             Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, FOLD,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, FOLD,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, FOLD,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
             )  # fmt: skip
             setup3 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, FOLD,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -565,24 +525,24 @@ if triton is not None:
             _head_tile_scores(
                 ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, FOLD,
+                HAS8, HAS4, ALIGN,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, FOLD,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, FOLD,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, FOLD,
+                    HAS8, HAS4, ALIGN,
                 )  # fmt: skip
 
     @triton.jit
@@ -718,7 +678,6 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
-    "fold_query": True,  # G = 1 without k-norm: the query folded into the up-projection, keys never rebuilt
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -936,7 +895,6 @@ def latent_decode_attention(
         per_split = -(-tiles // cfg["scores_splits"])
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
     half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2
-    fold = groups == 1 and k_norm is None and bool(cfg["fold_query"])
     scores_dtype = torch.float16 if half and not exact else torch.float32
     if cfg["token_major_scores"]:
         scores = _alloc(batch, padded, num_heads, device=device, dtype=scores_dtype)
@@ -958,7 +916,7 @@ def latent_decode_attention(
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
-        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags, FOLD=fold,
+        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

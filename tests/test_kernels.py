@@ -402,26 +402,6 @@ def test_quantized_keys_dequantized_per_value(poisoned, dtype, k_ranks, k_n8):
     check_quantized(dtype, 4, k_ranks, k_n8, 45, 12, 32, {}, config=config)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fold", [False, True])
-def test_mha_with_and_without_the_folded_query(poisoned, dtype, fold):
-    """
-    G = 1: the query folded into the up-projection (keys never rebuilt) and the rebuilt keys both match the reference:
-    head_dim 128, bias and left padding; quantized keys of up to three scale groups, and dequantized per value.
-    """
-    config = {"fold_query": fold}
-    check(make_case(2, 90, 3, 1, 128, [5, 38, 64], 70, pad=7, bias=True, seed=21), dtype, config)
-    check_quantized(dtype, 1, [64, 9, 38], [10, 9, 0], 64, 33, 32, {"bias": True, "pad": 5}, config=config)
-    check_quantized(dtype, 1, [13, 38], [0, 10], 45, 12, 16, {}, config=config)
-
-
-def test_folded_query_is_its_own_path():
-    """The two G = 1 paths round differently, so the switch really selects another computation."""
-    case = cast(make_case(1, 40, 2, 1, 64, [9, 30], 20, seed=22), torch.float16)
-    on, off = (kernels.latent_decode_attention(**case, config={"fold_query": fold}) for fold in (True, False))
-    assert not torch.equal(on, off)
-
-
 def test_key_slots():
     """The grouped key rebuild covers up to three scale groups per head, in groups of 32 or more (powers of two)."""
     codec = latent_quant.LatentCodec
