@@ -10,6 +10,7 @@ copy bandwidth. Inputs rotate over enough copies that the timed data never sits 
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ SETTINGS = {  # --kv-bits: key rank per KV head, value rank per KV head, 8-bit s
     "4": (32, HEAD_DIM // 4, 0.0),  # K 25%, V 25%, every channel in 4 bits
 }
 K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS["16"]
+CONFIG: dict = {}  # --config: launch settings for latent_decode_attention
 LAYERS = 32  # both shapes have 32 layers: the per-step RoPE tables are charged 1/32 to each layer's attention
 L2_BYTES = 50 << 20
 
@@ -118,7 +120,8 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     table_calls = [lambda x=x: kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
     table_ms = rotating_ms(table_calls, graphs=False) / LAYERS
     ours_calls = [
-        lambda x=x, t=t: kernels.latent_decode_attention(query, **x, tables=t) for x, t in zip(latents, tables)
+        lambda x=x, t=t: kernels.latent_decode_attention(query, **x, tables=t, config=CONFIG)
+        for x, t in zip(latents, tables)
     ]
     ours_ms = {mode: rotating_ms(ours_calls, mode == "graph") + table_ms for mode in ("eager", "graph")}
     ours_calls.clear()
@@ -129,7 +132,7 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     for key in ("key_latents", "value_latents", "positions"):
         sample[key] = sample[key][:2]
     sample_tables = kernels.rope_tables(sample["positions"], sample["inv_freq"], 1.0, torch.bfloat16)
-    got = kernels.latent_decode_attention(query[:2], **sample, tables=sample_tables).float()
+    got = kernels.latent_decode_attention(query[:2], **sample, tables=sample_tables, config=CONFIG).float()
     if "codecs" in sample:  # the reference reads the decoded latents
         codecs = sample.pop("codecs")
         sample["key_latents"], sample["value_latents"] = (
@@ -172,14 +175,19 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="*", help="indices of ROWS to run (default: all)")
     p.add_argument("--kv-bits", choices=sorted(SETTINGS), default="16", help="16: K 30%% / V 50%% bf16 latents; "
                    "4: K 25%% / V 25%% latents in 4 bits")  # fmt: skip
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=JSON",
+                   help="kernel launch settings, e.g. pdl=false (results go to a suffixed file)")  # fmt: skip
     args = p.parse_args()
     global K_RANK, V_PER_HEAD, EIGHT_BIT
     K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS[args.kv_bits]
+    CONFIG.update((k, json.loads(v)) for k, v in (item.split("=", 1) for item in args.config))
     kernels = import_remote("latent_decode")
     bandwidth = copy_bandwidth()
     rows = [run_row(kernels, *ROWS[i], bandwidth) for i in (args.rows or range(len(ROWS)))]
-    result = {"benchmark": "decode_attention", **environment(), "copy_bandwidth_TBps": bandwidth / 1e12, "rows": rows}
+    result = {"benchmark": "decode_attention", **environment(), "copy_bandwidth_TBps": bandwidth / 1e12,
+              "config": CONFIG, "rows": rows}  # fmt: skip
     name = "decode_attention" if args.kv_bits == "16" else f"decode_attention_{args.kv_bits}bit"
+    name += "".join(f"_{k}_{v}".lower() for k, v in CONFIG.items())
     path = write_results(name, {**result, "kv_bits": args.kv_bits}, args.out)
     print(f"wrote {path}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print("times in ms (eager launches | CUDA-graph replays); floor: latent bytes as cached / copy bandwidth")
