@@ -120,10 +120,6 @@ def latent_decode_reference(
 
 
 if triton is not None:
-    try:  # programmatic dependent launch (Hopper and later): a pass's grid starts while the one before it drains
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # pragma: no cover (triton before 3.5: never launched with PDL, see _use_pdl)
-        gdc_launch_dependents = gdc_wait = None
 
     @triton.jit
     def _reduced_cos_sin(angle):
@@ -451,17 +447,14 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, PDL: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
         the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads. Quantized latents (QUANT):
         CODEC holds each head's n8, first code byte, first scale byte and code bytes (padded); ALIGN divides the row
-        strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur. PDL: the
-        values pass may launch once every program of this one has started (it waits for this grid to finish).
+        strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
-        if PDL:
-            gdc_launch_dependents()
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
         scaling, rope_scale = tl.cast(scaling, tl.float32), tl.cast(rope_scale, tl.float32)
@@ -580,18 +573,13 @@ if triton is not None:
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-        PDL: tl.constexpr,
     ):  # fmt: skip
         """
         QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits; codes from byte 0,
         v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
         group, the program's RVB = GROUPS * GROUP columns being its groups'. ALIGN divides the row strides, v_n8 and
-        v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur. PDL: launched early (programmatic dependent launch),
-        so it waits for the scores pass to finish before reading anything, then lets the merge launch.
+        v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         """
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
         block = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -640,14 +628,9 @@ if triton is not None:
         ACC, MAX, SUM, OUT,
         n_splits, v_rank,
         stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_ob, stride_oh,
-        RVB: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr,
+        RVB: tl.constexpr, SB: tl.constexpr,
     ):  # fmt: skip
-        """
-        One program per (value block, query head, sequence) combines the head's splits, SB of them per step. PDL:
-        launched early, it waits for the values pass to finish first.
-        """
-        if PDL:
-            gdc_wait()
+        """One program per (value block, query head, sequence) combines the head's splits, SB of them per step."""
         block = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -696,8 +679,6 @@ DEFAULT_CONFIG = {
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
-    "pdl": "auto",  # programmatic dependent launch of the values pass and the merge; auto: on CUDA devices of compute
-    # capability 9.0 and later, outside torch.compile
 }
 
 
@@ -772,25 +753,6 @@ def _splits(
     splits = max(1, min(tiles, splits))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
-
-
-_PDL_DEVICES: dict[str, bool] = {}
-
-
-def _use_pdl(setting, device: torch.device) -> bool:
-    """
-    Whether the values pass and the merge launch as programmatic dependents of the pass before (`setting`: True,
-    False or "auto"). Needs a CUDA device of compute capability >= 9.0 and triton's grid-dependency intrinsics; "auto"
-    also leaves it off under torch.compile, whose launches of user kernels do not pass the launch attribute.
-    """
-    if setting != "auto":
-        return bool(setting)
-    if device.type != "cuda" or gdc_wait is None or torch.compiler.is_compiling():
-        return False
-    key = str(device)
-    if key not in _PDL_DEVICES:
-        _PDL_DEVICES[key] = torch.cuda.get_device_capability(device)[0] >= 9
-    return _PDL_DEVICES[key]
 
 
 _RANK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -942,8 +904,6 @@ def latent_decode_attention(
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
     if not use_table:
         cos_t = sin_t = scores
-    pdl = _use_pdl(cfg["pdl"], device)
-    launch = {"launch_pdl": True} if pdl else {}
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
@@ -956,7 +916,7 @@ def latent_decode_attention(
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
-        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags, PDL=pdl,
+        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
@@ -986,15 +946,15 @@ def latent_decode_attention(
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
-        GROUPS=groups_per_program, **v_flags, PDL=pdl,
-        num_warps=values_warps, num_stages=cfg["values_stages"], **launch,
+        GROUPS=groups_per_program, **v_flags,
+        num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     _merge_kernel[(_cdiv(v_rank, value_block), num_heads, batch)](
         partial, maxes, sums, aggregated,
         v_splits, v_rank,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         aggregated.stride(0), aggregated.stride(1),
-        RVB=value_block, SB=16, PDL=pdl, **launch,
+        RVB=value_block, SB=16,
     )  # fmt: skip
     # one (batch * G, v_rank) x (v_rank, head_dim) product per KV head (a broadcast matmul would copy the weights)
     up = v_up_weight.view(num_kv_heads, head_dim, v_rank).transpose(1, 2)
