@@ -4,6 +4,7 @@ shapes of ../shared/ANCHORS.md (K keeps 38 of 128 per KV head, V keeps half of n
 
     python benchmarks/decode_attention.py [--out DIR]
     python benchmarks/decode_attention.py --kv-bits 4   # K 32 / V a quarter, latents in 4 bits (the ~16x setting)
+    python benchmarks/decode_attention.py --config scores_stages_tables=2   # launch settings (DEFAULT_CONFIG keys)
 
 Times are medians of triton.testing.do_bench in ms; floors are the bytes that must be read once over the measured
 copy bandwidth. Inputs rotate over enough copies that the timed data never sits in L2.
@@ -176,7 +177,7 @@ def main() -> None:
     p.add_argument("--kv-bits", choices=sorted(SETTINGS), default="16", help="16: K 30%% / V 50%% bf16 latents; "
                    "4: K 25%% / V 25%% latents in 4 bits")  # fmt: skip
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=JSON",
-                   help="kernel launch settings, e.g. pdl=false (results go to a suffixed file)")  # fmt: skip
+                   help="kernel launch settings, e.g. half_scores=false (results go to a suffixed file)")  # fmt: skip
     args = p.parse_args()
     global K_RANK, V_PER_HEAD, EIGHT_BIT
     K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS[args.kv_bits]
