@@ -13,6 +13,7 @@ copy bandwidth. Inputs rotate over enough copies that the timed data never sits 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -181,14 +182,18 @@ def main() -> None:
     args = p.parse_args()
     global K_RANK, V_PER_HEAD, EIGHT_BIT
     K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS[args.kv_bits]
-    CONFIG.update((k, json.loads(v)) for k, v in (item.split("=", 1) for item in args.config))
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--config {item!r}: give KEY=JSON, e.g. half_scores=false")
+        CONFIG[key] = json.loads(value)
     kernels = import_remote("latent_decode")
     bandwidth = copy_bandwidth()
     rows = [run_row(kernels, *ROWS[i], bandwidth) for i in (args.rows or range(len(ROWS)))]
     result = {"benchmark": "decode_attention", **environment(), "copy_bandwidth_TBps": bandwidth / 1e12,
               "config": CONFIG, "rows": rows}  # fmt: skip
     name = "decode_attention" if args.kv_bits == "16" else f"decode_attention_{args.kv_bits}bit"
-    name += "".join(f"_{k}_{v}".lower() for k, v in CONFIG.items())
+    name += re.sub(r"[^a-z0-9_.-]+", "-", "".join(f"_{k}_{json.dumps(v)}".lower() for k, v in CONFIG.items()))
     path = write_results(name, {**result, "kv_bits": args.kv_bits}, args.out)
     print(f"wrote {path}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print("times in ms (eager launches | CUDA-graph replays); floor: latent bytes as cached / copy bandwidth")
