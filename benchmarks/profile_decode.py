@@ -69,6 +69,13 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 128, 2 programs/SM": {"value_block": 128, "values_programs_per_sm": 2},
     "values block 128, 8 programs/SM": {"value_block": 128, "values_programs_per_sm": 8},
     "values block 256": {"value_block": 256},
+    "scores keys fp16": {"keys_fp16": True},
+    "scores keys fp16, maxnreg 128": {"keys_fp16": True, "scores_maxnreg": 128},
+    "scores maxnreg 128": {"scores_maxnreg": 128},
+    "scores maxnreg 104": {"scores_maxnreg": 104},
+    "scores unroll 2": {"scores_unroll": 2},
+    "scores warp-specialized": {"scores_warp_specialize": True},
+    "values warp-specialized": {"values_warp_specialize": True},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
