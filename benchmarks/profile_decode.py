@@ -71,6 +71,8 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 256": {"value_block": 256},
     "scores keys fp16": {"keys_fp16": True},
     "scores keys fp16, maxnreg 128": {"keys_fp16": True, "scores_maxnreg": 128},
+    "scores keys fp16, 2 stages": {"keys_fp16": True, "scores_stages_tables": 2},
+    "scores keys fp16, tiles of 128 tokens": {"keys_fp16": True, "block_tokens": 128},
     "scores maxnreg 128": {"scores_maxnreg": 128},
     "scores maxnreg 104": {"scores_maxnreg": 104},
     "scores unroll 2": {"scores_unroll": 2},
