@@ -28,15 +28,27 @@ def profile(query, inputs, tables, config) -> dict[str, float]:
 
     if "rope_table" in config and config["rope_table"] is None:  # no tables: RoPE by angle addition
         tables, config = None, {k: v for k, v in config.items() if k != "rope_table"}
+    if "_tables" in config:  # the RoPE tables in another dtype (e.g. "float16")
+        tables = tuple(t.to(getattr(torch, config["_tables"])) for t in tables)
+        config = {k: v for k, v in config.items() if k != "_tables"}
 
-    for _ in range(3):
+    out = kernels.latent_decode_attention(query, **inputs, config=config, tables=tables).float()
+    if "out" in REFERENCE:  # relative difference from the default settings' output
+        error = ((out - REFERENCE["out"]).norm() / REFERENCE["out"].norm()).item()
+    else:
+        REFERENCE["out"], error = out, 0.0
+    for _ in range(2):
         kernels.latent_decode_attention(query, **inputs, config=config, tables=tables)
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             kernels.latent_decode_attention(query, **inputs, config=config, tables=tables)
         torch.cuda.synchronize()
-    return {e.key.strip(): e.device_time_total / 10 / 1000 for e in prof.key_averages() if e.device_time_total > 0}
+    times = {e.key.strip(): e.device_time_total / 10 / 1000 for e in prof.key_averages() if e.device_time_total > 0}
+    return times, error
+
+
+REFERENCE: dict = {}  # the default settings' output of the present row
 
 
 VARIANTS = {  # the "scores" column compares the scores pass, "values" the values passes
@@ -69,6 +81,24 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 128, 2 programs/SM": {"value_block": 128, "values_programs_per_sm": 2},
     "values block 128, 8 programs/SM": {"value_block": 128, "values_programs_per_sm": 8},
     "values block 256": {"value_block": 256},
+    "scores cos 0 past the end": {"cos_other_one": False},
+    "scores cos 0, maxnreg 128": {"cos_other_one": False, "scores_maxnreg": 128},
+    "scores fp16 tables": {"cos_other_one": False, "_tables": "float16"},
+    "scores rotated in bf16": {"cos_other_one": False, "rotate_16bit": True},
+    "scores rotated in fp16": {"cos_other_one": False, "rotate_16bit": True, "_tables": "float16"},
+    "scores keys fp16, fp16 tables": {"cos_other_one": False, "keys_fp16": True, "_tables": "float16"},
+    "scores keys fp16, fp16 tables, rotated": {
+        "cos_other_one": False,
+        "keys_fp16": True,
+        "_tables": "float16",
+        "rotate_16bit": True,
+    },
+    "scores keys fp16, fp16 tables, maxnreg 96": {
+        "cos_other_one": False,
+        "keys_fp16": True,
+        "_tables": "float16",
+        "scores_maxnreg": 96,
+    },
     "scores keys fp16": {"keys_fp16": True},
     "scores keys fp16, maxnreg 128": {"keys_fp16": True, "scores_maxnreg": 128},
     "scores keys fp16, 2 stages": {"keys_fp16": True, "scores_stages_tables": 2},
@@ -127,14 +157,17 @@ def main() -> None:
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
         for label, config in variants.items():
             try:
-                times = profile(query, inputs, tables, config)
+                times, error = profile(query, inputs, tables, config)
             except Exception as e:  # e.g. out of resources for a large tile
                 print(f"  {label:38s} failed: {type(e).__name__}: {str(e)[:100]}")
                 continue
             print(
-                f"  {label:38s} {sum(times.values()):7.3f} | " + " | ".join(f"{times.get(k, 0):6.3f}" for k in KERNELS)
+                f"  {label:38s} {sum(times.values()):7.3f} | "
+                + " | ".join(f"{times.get(k, 0):6.3f}" for k in KERNELS)
+                + f" | diff {error:.1e}"
             )
         inputs = tables = None
+        REFERENCE.clear()
         torch.cuda.empty_cache()
     report_registers()
 

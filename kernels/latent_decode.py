@@ -359,6 +359,7 @@ if triton is not None:
             inv_rms = tl.rsqrt((tl.sum(k_lo * k_lo, 1) + tl.sum(k_hi * k_hi, 1)) / (2 * HALF) + eps)
             k_lo = k_lo * inv_rms[:, None] * norm_lo[None, :]
             k_hi = k_hi * inv_rms[:, None] * norm_hi[None, :]
+        k_lo, k_hi = k_lo.to(cos.dtype), k_hi.to(cos.dtype)  # 16-bit tables (ROT16): paired 16-bit arithmetic
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
@@ -366,7 +367,7 @@ if triton is not None:
         Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
         HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
-        KEYS16: tl.constexpr,
+        KEYS16: tl.constexpr, QDTYPE: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
@@ -411,6 +412,7 @@ if triton is not None:
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
         if KEYS16:
             q_lo, q_hi = q_lo.to(tl.float16), q_hi.to(tl.float16)
+        q_lo, q_hi = q_lo.to(QDTYPE), q_hi.to(QDTYPE)
         if HAS_BIAS:
             bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
             bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
@@ -462,7 +464,8 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, KEYS16: tl.constexpr, WS: tl.constexpr, UNROLL: tl.constexpr,
+        ALIGN: tl.constexpr, KEYS16: tl.constexpr, WS: tl.constexpr, UNROLL: tl.constexpr, ROT16: tl.constexpr,
+        COS_ONE: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -474,6 +477,7 @@ if triton is not None:
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
         scaling, rope_scale = tl.cast(scaling, tl.float32), tl.cast(rope_scale, tl.float32)
         eps = tl.cast(eps, tl.float32)
+        QDTYPE: tl.constexpr = COS.dtype.element_ty if ROT16 else (tl.float16 if KEYS16 else Q.dtype.element_ty)
         head0 = tl.program_id(0) * HPP
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -482,21 +486,21 @@ if triton is not None:
         i = tl.arange(0, BT)
         setup0 = _head_setup(
             Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16, QDTYPE,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16, QDTYPE,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16, QDTYPE,
             )  # fmt: skip
             setup3 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, KEYS16, QDTYPE,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -514,8 +518,8 @@ if triton is not None:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
-                rope = tl.float16 if KEYS16 else tl.float32
-                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0).to(rope)
+                rope = COS.dtype.element_ty if ROT16 else (tl.float16 if KEYS16 else tl.float32)
+                cos = tl.load(COS + table, mask=in_range[:, None], other=1.0 if COS_ONE else 0.0).to(rope)
                 sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(rope)
             else:
                 pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
@@ -700,6 +704,8 @@ DEFAULT_CONFIG = {
     "values_warp_specialize": False,
     "scores_unroll": 1,  # experiment: loop_unroll_factor of the scores tile loop
     "scores_maxnreg": None,  # experiment: register cap of the scores pass (4 programs per SM at 128)
+    "rotate_16bit": False,  # experiment: keys rotated in the tables' 16-bit dtype (paired arithmetic)
+    "cos_other_one": True,  # experiment: cos of positions past the context read as 1 (else 0, no select)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -939,7 +945,8 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        KEYS16=bool(cfg["keys_fp16"]), WS=bool(cfg["scores_warp_specialize"]), UNROLL=cfg["scores_unroll"],
+        KEYS16=bool(cfg["keys_fp16"]), ROT16=bool(cfg["rotate_16bit"]) and use_table,
+        COS_ONE=bool(cfg["cos_other_one"]), WS=bool(cfg["scores_warp_specialize"]), UNROLL=cfg["scores_unroll"],
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
         **({"maxnreg": cfg["scores_maxnreg"]} if cfg["scores_maxnreg"] else {}),
     )  # fmt: skip
