@@ -42,7 +42,6 @@ SETTINGS = {  # --kv-bits: key rank per KV head, value rank per KV head, 8-bit s
 }
 K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS["16"]
 CONFIG: dict = {}  # --config: launch settings for latent_decode_attention
-TABLES_DTYPE = torch.bfloat16  # --tables-dtype: the RoPE tables' dtype (bf16: as transformers rounds them)
 LAYERS = 32  # both shapes have 32 layers: the per-step RoPE tables are charged 1/32 to each layer's attention
 L2_BYTES = 50 << 20
 
@@ -119,8 +118,8 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
         latents = [quantize_inputs(x) for x in latents]
     # RoPE tables: charged per layer as one computation per decode step for all its LAYERS, as the model did until
     # e7531a0; its cache now keeps them, each token's made once, so the charge is conservative
-    tables = [kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, TABLES_DTYPE) for x in latents]
-    table_calls = [lambda x=x: kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, TABLES_DTYPE) for x in latents]
+    tables = [kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
+    table_calls = [lambda x=x: kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
     table_ms = rotating_ms(table_calls, graphs=False) / LAYERS
     ours_calls = [
         lambda x=x, t=t: kernels.latent_decode_attention(query, **x, tables=t, config=CONFIG)
@@ -134,7 +133,7 @@ def run_row(kernels, name, heads, kv_heads, batch, tokens, bandwidth) -> dict:
     sample = dict(latents[0])
     for key in ("key_latents", "value_latents", "positions"):
         sample[key] = sample[key][:2]
-    sample_tables = kernels.rope_tables(sample["positions"], sample["inv_freq"], 1.0, TABLES_DTYPE)
+    sample_tables = kernels.rope_tables(sample["positions"], sample["inv_freq"], 1.0, torch.bfloat16)
     got = kernels.latent_decode_attention(query[:2], **sample, tables=sample_tables, config=CONFIG).float()
     if "codecs" in sample:  # the reference reads the decoded latents
         codecs = sample.pop("codecs")
@@ -180,11 +179,8 @@ def main() -> None:
                    "4: K 25%% / V 25%% latents in 4 bits")  # fmt: skip
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=JSON",
                    help="kernel launch settings, e.g. half_scores=false (results go to a suffixed file)")  # fmt: skip
-    p.add_argument("--tables-dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                   help="dtype of the RoPE tables passed to the kernel (results go to a suffixed file)")  # fmt: skip
     args = p.parse_args()
-    global K_RANK, V_PER_HEAD, EIGHT_BIT, TABLES_DTYPE
-    TABLES_DTYPE = getattr(torch, args.tables_dtype)
+    global K_RANK, V_PER_HEAD, EIGHT_BIT
     K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS[args.kv_bits]
     for item in args.config:
         key, sep, value = item.partition("=")
@@ -195,9 +191,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     rows = [run_row(kernels, *ROWS[i], bandwidth) for i in (args.rows or range(len(ROWS)))]
     result = {"benchmark": "decode_attention", **environment(), "copy_bandwidth_TBps": bandwidth / 1e12,
-              "config": CONFIG, "tables_dtype": args.tables_dtype, "rows": rows}  # fmt: skip
+              "config": CONFIG, "rows": rows}  # fmt: skip
     name = "decode_attention" if args.kv_bits == "16" else f"decode_attention_{args.kv_bits}bit"
-    name += "_tables_fp16" if args.tables_dtype == "float16" else ""
     name += re.sub(r"[^a-z0-9_.-]+", "-", "".join(f"_{k}_{json.dumps(v)}".lower() for k, v in CONFIG.items()))
     path = write_results(name, {**result, "kv_bits": args.kv_bits}, args.out)
     print(f"wrote {path}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")

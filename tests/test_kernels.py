@@ -346,6 +346,33 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     assert (got.double() - expected).norm() / expected.norm() < TOLERANCE[dtype]
 
 
+def test_rope_tables_hold_the_model_dtype_rounding_in_fp16():
+    """16-bit tables are fp16 holding exactly what transformers' bf16 cos/sin hold (to 2^-25 below 2^-14)."""
+    positions = torch.tensor([[0, 1, 2, 7, 1000, 131071]], dtype=torch.int32)
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    inv_freq[-8:] /= 8  # Llama-3-scaled low frequencies: angles down to ~2e-7
+    for scale in (1.0, 1.3):
+        cos, sin = kernels.rope_tables(positions, inv_freq, scale, torch.bfloat16)
+        assert cos.dtype == sin.dtype == torch.float16
+        ref_cos, ref_sin = kernels.rope_cos_sin(positions, inv_freq, scale, torch.bfloat16)
+        for got, ref in ((cos, ref_cos[..., :64]), (sin, ref_sin[..., :64])):
+            got, ref = got.float(), ref.float()
+            normal = ref.abs() >= 2**-14
+            assert torch.equal(got[normal], ref[normal])
+            assert (got - ref).abs().max() <= 2**-25
+    assert kernels.rope_tables(positions, inv_freq, 1.0, torch.float32)[0].dtype == torch.float32
+
+
+def test_bf16_rope_tables_give_the_same_result(poisoned):
+    """Tables passed in bf16 (values that fit fp16 exactly) give what the fp16 ones give."""
+    case = cast(make_case(2, 77, 2, 4, 64, [13, 38], 45, seed=7), torch.float16)
+    tables = kernels.rope_tables(case["positions"], case["inv_freq"], 1.0, torch.bfloat16)
+    assert tables[0].dtype == torch.float16
+    got16 = kernels.latent_decode_attention(**case, tables=tables)
+    got_bf16 = kernels.latent_decode_attention(**case, tables=tuple(t.to(torch.bfloat16) for t in tables))
+    assert torch.equal(got16, got_bf16)
+
+
 def test_quantized_rows_at_odd_bytes_are_refused():
     """The kernel loads the fp16 scales as such: rows must start at an even byte and have even strides."""
     case = cast(make_case(1, 8, 1, 2, 64, [32], 32), torch.float32)
