@@ -6,7 +6,7 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
 
 1. `_scores_kernel`, one program per (KV head, context split, sequence): rebuilds that head's keys from its latents
    with its up-projection on the tensor cores (+ bias, + Qwen3's k-norm), rotates them at their cached positions
-   (RoPE from the model's cos/sin tables, else from `inv_freq`) and scores all G query heads of the head together:
+   (RoPE from the model's cos/sin tables, held as fp16, else from `inv_freq`) and scores all G query heads together:
    one rebuild per KV head, never per query head. Scores go to a (B, Hq, T) buffer: fp32, or fp16 for 16-bit GQA
    inputs (half the bytes between the passes; the keys and queries they come from are 16-bit already). The head's
    rank is covered by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column
