@@ -83,6 +83,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 128, 8 programs/SM": {"value_block": 128, "values_programs_per_sm": 8},
     "values block 256": {"value_block": 256},
     "scores bf16 tables": {"_tables": "bfloat16"},  # (rope_tables gives fp16 tables for 16-bit models)
+    "scores joined halves": {"joined_halves": True},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

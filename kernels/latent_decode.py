@@ -304,10 +304,11 @@ if triton is not None:
     def _head_keys(
         ZK, zrow, tok_ok, start, limit, wts, codec,
         R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
-        SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores).
+        JOINED: `wts` holds the halves side by side, (R, 2 HALF), one product a chunk (16-bit latents only).
         QUANT: the latents are dequantized from the head's codes and scales in each token's row (`codec`: the head's
         n8, code byte, scale byte and code bytes): per scale group when SLOTS > 0 (`wts` then holds each group's even
         and odd up-projection rows), else per value.
@@ -330,8 +331,11 @@ if triton is not None:
                 z = tl.load(
                     ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
                 )
-            k_lo = tl.dot(z, wts[0], input_precision=PRECISION)
-            k_hi = tl.dot(z, wts[1], input_precision=PRECISION)
+            if JOINED:
+                k = tl.dot(z, wts[0], input_precision=PRECISION)
+            else:
+                k_lo = tl.dot(z, wts[0], input_precision=PRECISION)
+                k_hi = tl.dot(z, wts[1], input_precision=PRECISION)
             if R2 > 0:
                 c2 = R1 + tl.arange(0, R2)
                 if QUANT:
@@ -339,8 +343,13 @@ if triton is not None:
                 else:
                     z2 = tl.load(ZK + zrow[:, None] + (start + c2)[None, :],
                                  mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0)  # fmt: skip
-                k_lo = tl.dot(z2, wts[2], k_lo, input_precision=PRECISION)
-                k_hi = tl.dot(z2, wts[3], k_hi, input_precision=PRECISION)
+                if JOINED:
+                    k = tl.dot(z2, wts[2], k, input_precision=PRECISION)
+                else:
+                    k_lo = tl.dot(z2, wts[2], k_lo, input_precision=PRECISION)
+                    k_hi = tl.dot(z2, wts[3], k_hi, input_precision=PRECISION)
+            if JOINED:  # (the halves are whole 8-column groups of the product's layout: no data moves)
+                k_lo, k_hi = tl.split(tl.permute(tl.reshape(k, [k.shape[0], 2, k.shape[1] // 2]), (0, 2, 1)))
         return k_lo, k_hi
 
     @triton.jit
@@ -348,11 +357,12 @@ if triton is not None:
         ZK, zrow, tok_ok, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
         k_lo, k_hi = _head_keys(
-            ZK, zrow, tok_ok, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN
+            ZK, zrow, tok_ok, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
+            JOINED,
         )  # fmt: skip
         if HAS_BIAS:
             k_lo += bias_lo[None, :]
@@ -368,10 +378,12 @@ if triton is not None:
         Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
         HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
+        JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
-        or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie.
+        or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie. JOINED:
+        each chunk's RoPE halves side by side, (R, 2 HALF), and the queries whole, (2 HALF, GP), in both query slots.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
@@ -398,10 +410,21 @@ if triton is not None:
             start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
                 W, stride_wd, offset, rank, row_len, dims, HALF, R1, R2, ALIGNED
             )
-            wts = (w1_lo, w1_hi, w2_lo, w2_hi)
+            if JOINED:
+                w1 = tl.reshape(tl.permute(tl.join(w1_lo, w1_hi), (0, 2, 1)), [R1, 2 * HALF])
+                if R2 > 0:
+                    w2 = tl.reshape(tl.permute(tl.join(w2_lo, w2_hi), (0, 2, 1)), [R2, 2 * HALF])
+                else:
+                    w2 = w1
+                wts = (w1, w1, w2, w2)
+            else:
+                wts = (w1_lo, w1_hi, w2_lo, w2_hi)
         q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
         q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
+        if JOINED:
+            q_lo = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (2, 0, 1)), [2 * HALF, g.shape[0]])
+            q_hi = q_lo
         if HAS_BIAS:
             bias_lo = tl.load(KBIAS + head * 2 * HALF + dims).to(tl.float32)
             bias_hi = tl.load(KBIAS + head * 2 * HALF + HALF + dims).to(tl.float32)
@@ -416,7 +439,7 @@ if triton is not None:
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
@@ -426,10 +449,14 @@ if triton is not None:
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
-            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
+            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
         )  # fmt: skip
-        scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
-        scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+        if JOINED:  # one product over the whole head dimension
+            rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
+            scores = tl.dot(rot, q_lo, input_precision=PRECISION) * scaling  # (BT, GP)
+        else:
+            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
         if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
             # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
             # a single token is past the range: the softmax is one-hot on it either way)
@@ -453,7 +480,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -473,21 +500,21 @@ if triton is not None:
         i = tl.arange(0, BT)
         setup0 = _head_setup(
             Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
             setup3 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -532,24 +559,24 @@ if triton is not None:
             _head_tile_scores(
                 ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN,
+                HAS8, HAS4, ALIGN, JOINED,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN,
+                    HAS8, HAS4, ALIGN, JOINED,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN,
+                    HAS8, HAS4, ALIGN, JOINED,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN,
+                    HAS8, HAS4, ALIGN, JOINED,
                 )  # fmt: skip
 
     @triton.jit
@@ -685,6 +712,9 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
+    "joined_halves": False,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
+    # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 155 registers instead of 167, 468 loop
+    # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -924,6 +954,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
+        JOINED=bool(cfg["joined_halves"]) and not quant,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -346,6 +346,18 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     assert (got.double() - expected).norm() / expected.norm() < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tables", [False, True])
+@pytest.mark.parametrize(
+    "k_ranks, head_dim, norm",
+    [([13, 38], 64, False), ([7, 21, 64], 64, True), ([38, 17, 5, 40], 128, False)],
+)  # rank chunks 32 + 16, one chunk of 64 (and k-norm), 32 + 16 at head_dim 128
+def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm):
+    """Keys rebuilt by one product of both RoPE halves and scored by one product over the head dimension."""
+    case = make_case(2, 77, len(k_ranks), 2, head_dim, k_ranks, 45, pad=5, bias=True, norm=norm, seed=11)
+    check(case, dtype, {"joined_halves": True, "rope_table": tables})
+
+
 def test_rope_tables_hold_the_model_dtype_rounding_in_fp16():
     """16-bit tables are fp16 holding exactly what transformers' bf16 cos/sin hold (to 2^-25 below 2^-14)."""
     positions = torch.tensor([[0, 1, 2, 7, 1000, 131071]], dtype=torch.int32)
