@@ -32,7 +32,7 @@ def profile(query, inputs, tables, config) -> tuple[dict[str, float], float]:
 
     if "rope_table" in config and config["rope_table"] is None:  # no tables: RoPE by angle addition
         tables, config = None, {k: v for k, v in config.items() if k != "rope_table"}
-    if "_tables" in config:  # the RoPE tables in another dtype (e.g. "float16")
+    if "_tables" in config:  # the RoPE tables in another dtype than rope_tables gives (e.g. "bfloat16")
         tables = tuple(t.to(getattr(torch, config["_tables"])) for t in tables)
         config = {k: v for k, v in config.items() if k != "_tables"}
 

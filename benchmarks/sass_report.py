@@ -14,9 +14,6 @@ device (triton internals: may need adjusting for other triton versions).
 """
 
 import argparse
-import importlib
-import importlib.machinery
-import importlib.util
 import json
 import re
 import subprocess
@@ -31,7 +28,9 @@ from triton.backends.driver import DriverBase
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from starkv_convert.remote_code import import_remote  # noqa: E402  (stdlib only: runs without transformers)
+
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 ROWS = [  # name, query heads, KV heads, batch, tokens (tokens only change the launch grid, not the code)
     ("MHA 7B", 32, 32, 1, 1024),
@@ -65,14 +64,6 @@ class TargetOnlyDriver(DriverBase):
 
     def get_current_stream(self, device=None):
         return 0
-
-
-def import_kernels():
-    """The remote code's latent_decode module, imported as the checkpoint does (one flat package)."""
-    spec = importlib.machinery.ModuleSpec("starkv_remote", None, is_package=True)
-    spec.submodule_search_locations = [str(ROOT / "modeling"), str(ROOT / "kernels")]
-    sys.modules["starkv_remote"] = importlib.util.module_from_spec(spec)
-    return importlib.import_module("starkv_remote.latent_decode")
 
 
 def compile_call(kernels, row, config: dict) -> dict:
@@ -163,7 +154,7 @@ def main() -> None:
     p.add_argument("--sass", help="write the last kernel's SASS here")
     args = p.parse_args()
     driver.set_active(TargetOnlyDriver())
-    kernels = import_kernels()
+    kernels = import_remote("latent_decode")
     kernels._multiprocessors = lambda device: 132  # the H100's, for the launch grids
     config = json.loads(args.config)
     print(f"triton {triton.__version__}, sm_90a, settings {config}")

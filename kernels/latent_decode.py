@@ -532,7 +532,7 @@ if triton is not None:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
-                # (0 past the context, as the copies fill it: no selects; those keys are masked out anyway)
+                # (0 past the context, which the masked copies write anyway: no selects; those keys are masked out)
                 cos = tl.load(COS + table, mask=in_range[:, None], other=0.0).to(tl.float32)
                 sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
             else:
