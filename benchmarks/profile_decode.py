@@ -84,6 +84,9 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 256": {"value_block": 256},
     "scores bf16 tables": {"_tables": "bfloat16"},  # (rope_tables gives fp16 tables for 16-bit models)
     "scores joined halves": {"joined_halves": True},
+    "scores joined halves, 2 stages": {"joined_halves": True, "scores_stages_tables": 2},
+    "scores joined halves, 2 KV heads a program": {"joined_halves": True, "heads_per_program": 2},
+    "scores joined halves, 8 warps": {"joined_halves": True, "scores_warps": 8},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
