@@ -87,6 +87,9 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores joined halves, 2 stages": {"joined_halves": True, "scores_stages_tables": 2},
     "scores joined halves, 2 KV heads a program": {"joined_halves": True, "heads_per_program": 2},
     "scores joined halves, 8 warps": {"joined_halves": True, "scores_warps": 8},
+    "scores fold query": {"fold_query": True},  # (G = 1 only: the MHA rows)
+    "scores fold query, 2 KV heads a program": {"fold_query": True, "heads_per_program": 2},
+    "scores fold query, 2 stages": {"fold_query": True, "scores_stages_tables": 2},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

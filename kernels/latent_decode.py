@@ -374,16 +374,36 @@ if triton is not None:
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
+    def _fold(w_lo, w_hi, q_lo, q_hi, DTYPE: tl.constexpr):
+        """
+        One query folded into a head's up-projection rows (R, HALF) twice: q . RoPE(W z) = sum over frequencies of
+        cos (z . (W_lo q_lo + W_hi q_hi)) + sin (z . (W_lo q_hi - W_hi q_lo)). Returned transposed, (HALF, R), in the
+        RoPE tables' dtype and scaled by a power of two that puts their largest value at 2^13..2^14 (fp16 range and
+        precision for any query), with the factor that undoes it.
+        """
+        lo, hi = w_lo.to(tl.float32), w_hi.to(tl.float32)
+        fold_cos = lo * q_lo[None, :] + hi * q_hi[None, :]
+        fold_sin = lo * q_hi[None, :] - hi * q_lo[None, :]
+        largest = tl.maximum(tl.max(tl.max(tl.abs(fold_cos), 1), 0), tl.max(tl.max(tl.abs(fold_sin), 1), 0))
+        power = tl.ceil(tl.log2(tl.maximum(largest, 1e-30)))
+        scale = tl.exp2(14.0 - power)
+        fold_cos = tl.trans(fold_cos * scale).to(DTYPE)
+        fold_sin = tl.trans(fold_sin * scale).to(DTYPE)
+        return fold_cos, fold_sin, tl.exp2(power - 14.0)
+
+    @triton.jit
     def _head_setup(
         Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
         HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
-        JOINED: tl.constexpr,
+        JOINED: tl.constexpr, FOLD: tl.constexpr, TABLE_DTYPE: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
         or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie. JOINED:
         each chunk's RoPE halves side by side, (R, 2 HALF), and the queries whole, (2 HALF, GP), in both query slots.
+        FOLD: the query folded into the up-projection and bias instead (`_fold`), and the power of two that undoes
+        the folded weights' scaling.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
@@ -417,6 +437,8 @@ if triton is not None:
                 else:
                     w2 = w1
                 wts = (w1, w1, w2, w2)
+            elif FOLD:
+                wts = (w1_lo, w1_hi)
             else:
                 wts = (w1_lo, w1_hi, w2_lo, w2_hi)
         q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
@@ -431,7 +453,44 @@ if triton is not None:
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size)
+        unscale = 1.0
+        if FOLD:
+            q1_lo = tl.sum(q_lo.to(tl.float32), 1)  # (HALF,): the one query head (the padded columns are zero)
+            q1_hi = tl.sum(q_hi.to(tl.float32), 1)
+            fold_cos, fold_sin, unscale = _fold(wts[0], wts[1], q1_lo, q1_hi, TABLE_DTYPE)
+            wts = (fold_cos, fold_sin)
+            bias_lo, bias_hi = bias_lo * q1_lo + bias_hi * q1_hi, bias_lo * q1_hi - bias_hi * q1_lo
+        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size), unscale
+
+    @triton.jit
+    def _for_buffer(scores, keep, DTYPE: tl.constexpr):
+        """
+        Scores as stored: -inf where not `keep`; for an fp16 buffer, finite scores stay finite and NaN stays NaN
+        (selects, as minimum/maximum drop NaN and tl.clamp fails under torch.compile): past +-65000 they saturate
+        (exact while a single token is past the range: the softmax is one-hot on it either way).
+        """
+        if DTYPE == tl.float16:
+            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
+        return tl.where(keep, scores, float("-inf")).to(DTYPE)
+
+    @triton.jit
+    def _folded_scores(ZK, zrow, in_range, start, limit, wts, bias_cos, bias_sin, unscale, cos, sin,
+                       R1: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+        """
+        A tile's scores (BT,) of the one query folded into a head's up-projection (`_fold`): the keys are never
+        rebuilt nor rotated; the tile's cos/sin tables, as loaded, times the folded weights give one factor per
+        latent column (tensor cores), and the scores are their row sums with the latents.
+        """
+        c = tl.arange(0, R1)
+        z = tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=in_range[:, None] & (c[None, :] < limit), other=0.0)
+        factors = tl.dot(cos, wts[0], input_precision=PRECISION)
+        factors = tl.dot(sin, wts[1], factors, input_precision=PRECISION)  # (BT, R1)
+        scores = tl.sum(factors * z.to(tl.float32), 1) * unscale
+        if (
+            HAS_BIAS
+        ):  # the bias's share: sum over frequencies of cos (b_lo q_lo + b_hi q_hi) + sin (b_lo q_hi - b_hi q_lo)
+            scores += tl.sum(cos.to(tl.float32) * bias_cos[None, :] + sin.to(tl.float32) * bias_sin[None, :], 1)
+        return scores
 
     @triton.jit
     def _head_tile_scores(
@@ -439,34 +498,37 @@ if triton is not None:
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
-        the stores vectorize).
+        the stores vectorize). FOLD: G = 1, the query folded into the weights (`_folded_scores`).
         """
-        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
-        rot_lo, rot_hi = _rotated_keys(
-            ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
-            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
-        )  # fmt: skip
-        if JOINED:  # one product over the whole head dimension
-            rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
-            scores = tl.dot(rot, q_lo, input_precision=PRECISION) * scaling  # (BT, GP)
+        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec, unscale = setup
+        if FOLD:
+            scores = _folded_scores(
+                ZK, zrow, in_range, start, limit, wts, bias_lo, bias_hi, unscale, cos, sin, R1, PRECISION, HAS_BIAS
+            )  # fmt: skip
+            scores = _for_buffer(scores * scaling, keep, S.dtype.element_ty)
+            tl.store(S + srow + head * stride_sh + t * stride_st, scores, mask=stored)
         else:
-            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
-            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
-        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
-            # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
-            # a single token is past the range: the softmax is one-hot on it either way)
-            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
-        scores = tl.where(keep[:, None], scores, float("-inf"))
-        tl.store(
-            S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
-            scores.to(S.dtype.element_ty),
-            mask=stored[:, None] & (g[None, :] < G),
-        )
+            rot_lo, rot_hi = _rotated_keys(
+                ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+                HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
+            )  # fmt: skip
+            if JOINED:  # one product over the whole head dimension
+                rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
+                scores = tl.dot(rot, q_lo, input_precision=PRECISION) * scaling  # (BT, GP)
+            else:
+                scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+                scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+            scores = _for_buffer(scores, keep[:, None], S.dtype.element_ty)
+            tl.store(
+                S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
+                scores,
+                mask=stored[:, None] & (g[None, :] < G),
+            )
 
     @triton.jit
     def _scores_kernel(
@@ -480,7 +542,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -500,21 +562,21 @@ if triton is not None:
         i = tl.arange(0, BT)
         setup0 = _head_setup(
             Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
             )  # fmt: skip
             setup3 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -533,8 +595,11 @@ if triton is not None:
             if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 # (0 past the context, which the masked copies write anyway: no selects; those keys are masked out)
-                cos = tl.load(COS + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
+                cos = tl.load(COS + table, mask=in_range[:, None], other=0.0)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0)
+                if not FOLD:  # (FOLD: they are a product's first operand, as loaded)
+                    cos = cos.to(tl.float32)
+                    sin = sin.to(tl.float32)
             else:
                 pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
                 if EXACT_ROPE:
@@ -559,24 +624,24 @@ if triton is not None:
             _head_tile_scores(
                 ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, JOINED,
+                HAS8, HAS4, ALIGN, JOINED, FOLD,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED,
+                    HAS8, HAS4, ALIGN, JOINED, FOLD,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED,
+                    HAS8, HAS4, ALIGN, JOINED, FOLD,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED,
+                    HAS8, HAS4, ALIGN, JOINED, FOLD,
                 )  # fmt: skip
 
     @triton.jit
@@ -715,6 +780,8 @@ DEFAULT_CONFIG = {
     "joined_halves": False,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 155 registers instead of 167, 468 loop
     # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU
+    "fold_query": False,  # G = 1, 16-bit latents with RoPE tables, no k-norm: the query folded into the up-projection,
+    # so the tables times it give per-column factors of the latents and keys are never rebuilt (not yet timed)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -917,8 +984,9 @@ def latent_decode_attention(
         codec_table = ranks
         k_flags = v_flags = {"HAS8": False, "HAS4": False, "ALIGN": 1}
         group = 32
-    r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
+    fold = bool(cfg["fold_query"]) and groups == 1 and k_norm is None and use_table and not quant
+    r1, r2 = _rank_chunks(k_ranks, 0 if fold else cfg["rank_pad"], aligned)  # fold: one chunk
     heads_p2 = _next_pow2(num_heads)
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
@@ -954,7 +1022,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant,
+        JOINED=bool(cfg["joined_halves"]) and not quant and not fold, FOLD=fold,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -358,6 +358,28 @@ def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm):
     check(case, dtype, {"joined_halves": True, "rope_table": tables})
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "k_ranks, head_dim, bias, hpp",
+    [([13, 38], 64, True, 1), ([7, 21, 64, 2], 64, False, 2), ([38, 17, 5, 40], 128, True, 2)],
+)  # one folded chunk of 64 columns, of 128 (a full-rank head, 2 heads a program), head_dim 128
+def test_fold_query(poisoned, dtype, k_ranks, head_dim, bias, hpp):
+    """G = 1: scores from the RoPE tables times the query folded into the up-projection, keys never rebuilt."""
+    case = make_case(2, 77, len(k_ranks), 1, head_dim, k_ranks, 45, pad=5, bias=bias, seed=12)
+    check(case, dtype, {"fold_query": True, "rope_table": True, "heads_per_program": hpp})
+
+
+def test_fold_query_keeps_large_queries_in_fp16_range():
+    """The folded weights are scaled by a power of two into fp16's range: with queries of 10^4 and an up-projection
+    64 times larger (latents 64 times smaller), their products pass 65,504, and the output still matches."""
+    case = make_case(1, 40, 2, 1, 64, [13, 38], 45, seed=13)
+    case["query"] = case["query"] * 1e4
+    case["scaling"] = 1e-4 / 8
+    case["k_up_weight"] = case["k_up_weight"] * 64
+    case["key_latents"] = case["key_latents"] / 64
+    check(case, torch.float16, {"fold_query": True, "rope_table": True})
+
+
 def test_rope_tables_hold_the_model_dtype_rounding_in_fp16():
     """16-bit tables are fp16 holding exactly what transformers' bf16 cos/sin hold (to 2^-25 below 2^-14)."""
     positions = torch.tensor([[0, 1, 2, 7, 1000, 131071]], dtype=torch.int32)
