@@ -474,42 +474,46 @@ if triton is not None:
         return tl.where(keep, scores, float("-inf")).to(DTYPE)
 
     @triton.jit
-    def _folded_scores(ZK, zrow, in_range, start, limit, wts, bias_cos, bias_sin, unscale, cos, sin,
-                       R1: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-        """
-        A tile's scores (BT,) of the one query folded into a head's up-projection (`_fold`): the keys are never
-        rebuilt nor rotated; the tile's cos/sin tables, as loaded, times the folded weights give one factor per
-        latent column (tensor cores), and the scores are their row sums with the latents.
-        """
+    def _folded_latents(ZK, zrow, ok, start, limit, R1: tl.constexpr):
+        """A head's latent columns of a tile as the folded scores read them: (BT, R1) from its first column."""
         c = tl.arange(0, R1)
-        z = tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=in_range[:, None] & (c[None, :] < limit), other=0.0)
+        return tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=ok[:, None] & (c[None, :] < limit), other=0.0)
+
+    @triton.jit
+    def _folded_scores(z, wts, bias_cos, bias_sin, unscale, cos, sin, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """
+        A tile's scores (BT,) of the one query folded into a head's up-projection (`_fold`), from its latents `z`:
+        the keys are never rebuilt nor rotated; the tile's cos/sin tables, as loaded, times the folded weights give
+        one factor per latent column (tensor cores), and the scores are their row sums with the latents.
+        """
         factors = tl.dot(cos, wts[0], input_precision=PRECISION)
         factors = tl.dot(sin, wts[1], factors, input_precision=PRECISION)  # (BT, R1)
         scores = tl.sum(factors * z.to(tl.float32), 1) * unscale
-        if (
-            HAS_BIAS
-        ):  # the bias's share: sum over frequencies of cos (b_lo q_lo + b_hi q_hi) + sin (b_lo q_hi - b_hi q_lo)
+        if HAS_BIAS:
+            # the bias's share: sum over frequencies of cos (b_lo q_lo + b_hi q_hi) + sin (b_lo q_hi - b_hi q_lo)
             scores += tl.sum(cos.to(tl.float32) * bias_cos[None, :] + sin.to(tl.float32) * bias_sin[None, :], 1)
         return scores
 
     @triton.jit
     def _head_tile_scores(
         ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
-        stride_sh, stride_st,
+        stride_sh, stride_st, z,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
         HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr,
+        AHEAD: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
-        the stores vectorize). FOLD: G = 1, the query folded into the weights (`_folded_scores`).
+        the stores vectorize). FOLD: G = 1, the query folded into the weights (`_folded_scores`), from the latents
+        `z` loaded a tile ahead (AHEAD) or here.
         """
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec, unscale = setup
         if FOLD:
-            scores = _folded_scores(
-                ZK, zrow, in_range, start, limit, wts, bias_lo, bias_hi, unscale, cos, sin, R1, PRECISION, HAS_BIAS
-            )  # fmt: skip
+            if not AHEAD:
+                z = _folded_latents(ZK, zrow, in_range, start, limit, R1)
+            scores = _folded_scores(z, wts, bias_lo, bias_hi, unscale, cos, sin, PRECISION, HAS_BIAS)
             scores = _for_buffer(scores * scaling, keep, S.dtype.element_ty)
             tl.store(S + srow + head * stride_sh + t * stride_st, scores, mask=stored)
         else:
@@ -542,7 +546,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr, AHEAD: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -585,10 +589,34 @@ if triton is not None:
         norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
         first = split * tiles_per_split
+        end = tl.minimum(T, (first + tiles_per_split) * BT)  # (this split's tokens)
+        tl.static_assert(not FOLD or HPP <= 2)
+        if FOLD and AHEAD:  # the folded scores' latents feed no product, so the pipeliner leaves their loads in place:
+            # they are loaded one tile ahead instead
+            t_next = first * BT + i
+            z_next0 = _folded_latents(ZK, b * stride_zb + t_next * stride_zt, t_next < end, setup0[0], setup0[1], R1)
+            if HPP > 1:
+                z_next1 = _folded_latents(
+                    ZK, b * stride_zb + t_next * stride_zt, t_next < end, setup1[0], setup1[1], R1
+                )
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
             stored = t < TP
+            if FOLD and AHEAD:
+                z0 = z_next0
+                t_next = t + BT
+                zrow_next = b * stride_zb + t_next * stride_zt
+                ok_next = t_next < end
+                z_next0 = _folded_latents(ZK, zrow_next, ok_next, setup0[0], setup0[1], R1)
+                if HPP > 1:
+                    z1 = z_next1
+                    z_next1 = _folded_latents(ZK, zrow_next, ok_next, setup1[0], setup1[1], R1)
+                else:
+                    z1 = z0
+            else:
+                z0 = i
+                z1 = i
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
@@ -623,25 +651,25 @@ if triton is not None:
             srow = b * stride_sb
             _head_tile_scores(
                 ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
-                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, JOINED, FOLD,
+                scaling, stride_sh, stride_st, z0, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, FOLD,
+                    scaling, stride_sh, stride_st, z1, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    SLOTS, HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, FOLD,
+                    scaling, stride_sh, stride_st, i, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    SLOTS, HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, FOLD,
+                    scaling, stride_sh, stride_st, i, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    SLOTS, HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
                 )  # fmt: skip
 
     @triton.jit
@@ -782,6 +810,7 @@ DEFAULT_CONFIG = {
     # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU
     "fold_query": False,  # G = 1, 16-bit latents with RoPE tables, no k-norm: the query folded into the up-projection,
     # so the tables times it give per-column factors of the latents and keys are never rebuilt (not yet timed)
+    "fold_ahead": True,  # fold_query: each tile's latents loaded one tile ahead (registers; the pipeliner skips them)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -992,7 +1021,8 @@ def latent_decode_attention(
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
 
-    hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
+    most = 2 if fold else 4  # (the folded scores keep each head's next latents in registers)
+    hpp = max(n for n in (1, 2, 4) if n <= min(most, cfg["heads_per_program"]) and num_kv_heads % n == 0)
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"]
     )
@@ -1022,7 +1052,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant and not fold, FOLD=fold,
+        JOINED=bool(cfg["joined_halves"]) and not quant and not fold, FOLD=fold, AHEAD=bool(cfg["fold_ahead"]),
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
