@@ -430,21 +430,21 @@ if triton is not None:
             start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
                 W, stride_wd, offset, rank, row_len, dims, HALF, R1, R2, ALIGNED
             )
-            if JOINED:
+            if FOLD:
+                wts = (w1_lo, w1_hi)
+            elif JOINED:
                 w1 = tl.reshape(tl.permute(tl.join(w1_lo, w1_hi), (0, 2, 1)), [R1, 2 * HALF])
                 if R2 > 0:
                     w2 = tl.reshape(tl.permute(tl.join(w2_lo, w2_hi), (0, 2, 1)), [R2, 2 * HALF])
                 else:
                     w2 = w1
                 wts = (w1, w1, w2, w2)
-            elif FOLD:
-                wts = (w1_lo, w1_hi)
             else:
                 wts = (w1_lo, w1_hi, w2_lo, w2_hi)
         q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
         q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
-        if JOINED:
+        if JOINED and not FOLD:
             q_lo = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (2, 0, 1)), [2 * HALF, g.shape[0]])
             q_hi = q_lo
         if HAS_BIAS:
@@ -458,7 +458,11 @@ if triton is not None:
             q1_lo = tl.sum(q_lo.to(tl.float32), 1)  # (HALF,): the one query head (the padded columns are zero)
             q1_hi = tl.sum(q_hi.to(tl.float32), 1)
             fold_cos, fold_sin, unscale = _fold(wts[0], wts[1], q1_lo, q1_hi, TABLE_DTYPE)
-            wts = (fold_cos, fold_sin)
+            if JOINED:  # cos rows over sin rows, (2 HALF, R1): one product with the tables side by side
+                joined = tl.reshape(tl.permute(tl.join(fold_cos, fold_sin), (2, 0, 1)), [2 * HALF, R1])
+                wts = (joined, joined)
+            else:
+                wts = (fold_cos, fold_sin)
             bias_lo, bias_hi = bias_lo * q1_lo + bias_hi * q1_hi, bias_lo * q1_hi - bias_hi * q1_lo
         return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size), unscale
 
@@ -480,14 +484,21 @@ if triton is not None:
         return tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=ok[:, None] & (c[None, :] < limit), other=0.0)
 
     @triton.jit
-    def _folded_scores(z, wts, bias_cos, bias_sin, unscale, cos, sin, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _folded_scores(
+        z, wts, bias_cos, bias_sin, unscale, cos, sin,
+        PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr,
+    ):  # fmt: skip
         """
         A tile's scores (BT,) of the one query folded into a head's up-projection (`_fold`), from its latents `z`:
         the keys are never rebuilt nor rotated; the tile's cos/sin tables, as loaded, times the folded weights give
         one factor per latent column (tensor cores), and the scores are their row sums with the latents.
         """
-        factors = tl.dot(cos, wts[0], input_precision=PRECISION)
-        factors = tl.dot(sin, wts[1], factors, input_precision=PRECISION)  # (BT, R1)
+        if JOINED:  # the tables side by side, (BT, 2 HALF), and one product
+            tables = tl.reshape(tl.permute(tl.join(cos, sin), (0, 2, 1)), [cos.shape[0], 2 * cos.shape[1]])
+            factors = tl.dot(tables, wts[0], input_precision=PRECISION)
+        else:
+            factors = tl.dot(cos, wts[0], input_precision=PRECISION)
+            factors = tl.dot(sin, wts[1], factors, input_precision=PRECISION)  # (BT, R1)
         scores = tl.sum(factors * z.to(tl.float32), 1) * unscale
         if HAS_BIAS:
             # the bias's share: sum over frequencies of cos (b_lo q_lo + b_hi q_hi) + sin (b_lo q_hi - b_hi q_lo)
@@ -513,7 +524,7 @@ if triton is not None:
         if FOLD:
             if not AHEAD:
                 z = _folded_latents(ZK, zrow, in_range, start, limit, R1)
-            scores = _folded_scores(z, wts, bias_lo, bias_hi, unscale, cos, sin, PRECISION, HAS_BIAS)
+            scores = _folded_scores(z, wts, bias_lo, bias_hi, unscale, cos, sin, PRECISION, HAS_BIAS, JOINED)
             scores = _for_buffer(scores * scaling, keep, S.dtype.element_ty)
             tl.store(S + srow + head * stride_sh + t * stride_st, scores, mask=stored)
         else:
@@ -807,7 +818,8 @@ DEFAULT_CONFIG = {
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "joined_halves": False,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 155 registers instead of 167, 468 loop
-    # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU
+    # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU. With fold_query: cos
+    # and sin side by side, one product (1 wait a tile instead of 2, but 151 registers instead of 128)
     "fold_query": False,  # G = 1, 16-bit latents with RoPE tables, no k-norm: the query folded into the up-projection,
     # so the tables times it give per-column factors of the latents and keys are never rebuilt (not yet timed)
     "fold_ahead": True,  # fold_query: each tile's latents loaded one tile ahead (registers; the pipeliner skips them)
@@ -1052,7 +1064,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant and not fold, FOLD=fold, AHEAD=bool(cfg["fold_ahead"]),
+        JOINED=bool(cfg["joined_halves"]) and not quant, FOLD=fold, AHEAD=bool(cfg["fold_ahead"]),
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

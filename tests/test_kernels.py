@@ -359,16 +359,17 @@ def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ahead", [True, False])
+@pytest.mark.parametrize("ahead, joined", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize(
     "k_ranks, head_dim, bias, hpp, splits",
     [([13, 38], 64, True, 1, 0), ([7, 21, 64, 2], 64, False, 2, 2), ([38, 17, 5, 40], 128, True, 2, 0)],
 )  # one folded chunk of 64 columns, of 128 (a full-rank head, 2 heads a program, 2 tiles a split), head_dim 128
-def test_fold_query(poisoned, dtype, ahead, k_ranks, head_dim, bias, hpp, splits):
+def test_fold_query(poisoned, dtype, ahead, joined, k_ranks, head_dim, bias, hpp, splits):
     """G = 1: scores from the RoPE tables times the query folded into the up-projection, keys never rebuilt (the
-    latents loaded a tile ahead or in place)."""
+    latents loaded a tile ahead or in place; cos and sin in two products or side by side in one)."""
     case = make_case(2, 157, len(k_ranks), 1, head_dim, k_ranks, 45, pad=5, bias=bias, seed=12)
-    config = {"fold_query": True, "fold_ahead": ahead, "rope_table": True, "heads_per_program": hpp}
+    config = {"fold_query": True, "fold_ahead": ahead, "joined_halves": joined, "rope_table": True}
+    config["heads_per_program"] = hpp
     check(case, dtype, config | ({"scores_splits": splits} if splits else {}))
 
 
