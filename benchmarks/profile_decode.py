@@ -3,10 +3,11 @@ Where the decode kernel's time goes: per-kernel CUDA times (torch.profiler) and 
 ANCHORS shapes, with the RoPE tables passed in as the model does. A development tool; decode_attention.py records
 the results that count.
 
-    python benchmarks/profile_decode.py [--rows 7 3] [--quick] [--valid] [--kv-bits 4]
+    python benchmarks/profile_decode.py [--rows 7 3] [--quick] [--valid] [--kv-bits 4] [--out results/NAME.json]
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_attention  # noqa: E402
+from common import environment  # noqa: E402
 from decode_attention import ROWS, latent_inputs, quantize_inputs  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
@@ -97,16 +99,20 @@ VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("va
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
 
 
-def report_registers() -> None:
+def report_registers() -> list[str]:
     """Registers and spills of every compiled variant (Triton's compiled-kernel metadata), where available."""
+    lines = []
     for name in KERNELS:
         fn = getattr(kernels, name)
         try:
             for cache in fn.device_caches.values():
                 for compiled in cache[0].values():
-                    print(f"  {name}: {compiled.n_regs} registers, {compiled.n_spills} spills")
+                    lines.append(f"{name}: {compiled.n_regs} registers, {compiled.n_spills} spills")
         except Exception as e:  # the attribute layout changes between triton versions
-            print(f"  {name}: registers not available ({type(e).__name__})")
+            lines.append(f"{name}: registers not available ({type(e).__name__})")
+    for line in lines:
+        print(f"  {line}")
+    return lines
 
 
 def main() -> None:
@@ -118,7 +124,9 @@ def main() -> None:
     p.add_argument("--only", nargs="*", help="only the variants whose names contain one of these (and the default)")
     p.add_argument("--kv-bits", choices=sorted(decode_attention.SETTINGS), default="16")
     p.add_argument("--valid", action="store_true", help="a validity mask as the model passes (3 padding tokens)")
+    p.add_argument("--out", help="also write every number to this JSON file (with device, versions and commit)")
     args = p.parse_args()
+    record = {"benchmark": "profile_decode", **environment(), "argv": sys.argv[1:], "rows": []}
     decode_attention.K_RANK, decode_attention.V_PER_HEAD, decode_attention.EIGHT_BIT = decode_attention.SETTINGS[
         args.kv_bits
     ]
@@ -139,12 +147,16 @@ def main() -> None:
         if args.only:
             variants = {k: v for k, v in variants.items() if k == "default" or any(o in k for o in args.only)}
         print(f"\n== {name} B={batch} T={tokens}: ms per call (all kernels | scores | values | merge)")
+        row = {"shape": name, "batch": batch, "context": tokens, "kv_bits": args.kv_bits, "variants": {}}
+        record["rows"].append(row)
         for label, config in variants.items():
             try:
                 times, error = profile(query, inputs, tables, config)
             except Exception as e:  # e.g. out of resources for a large tile
                 print(f"  {label:38s} failed: {type(e).__name__}: {str(e)[:100]}")
+                row["variants"][label] = {"config": config, "failed": f"{type(e).__name__}: {str(e)[:200]}"}
                 continue
+            row["variants"][label] = {"config": config, "ms": times, "relative_difference": error}
             print(
                 f"  {label:38s} {sum(times.values()):7.3f} | "
                 + " | ".join(f"{times.get(k, 0):6.3f}" for k in KERNELS)
@@ -153,7 +165,9 @@ def main() -> None:
         inputs = tables = None
         REFERENCE.clear()
         torch.cuda.empty_cache()
-    report_registers()
+    record["registers"] = report_registers()
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
