@@ -11,6 +11,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    inputs (half the bytes between the passes; the keys and queries they come from are 16-bit already). The head's
    rank is covered by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column
    at or before the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
+   `fold_query` (G = 1; off until timed on a GPU) instead folds the query into the up-projection, so that the RoPE
+   tables times the folded weights give a factor per latent column and the keys are never rebuilt (`_fold`).
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
