@@ -89,6 +89,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores joined halves, 2 stages": {"joined_halves": True, "scores_stages_tables": 2},
     "scores joined halves, 2 KV heads a program": {"joined_halves": True, "heads_per_program": 2},
     "scores joined halves, 8 warps": {"joined_halves": True, "scores_warps": 8},
+    "scores joined halves, one rank chunk": {"joined_halves": True, "rank_pad": 0},  # (2 waits a tile, 128 registers)
     "scores fold query": {"fold_query": True},  # (G = 1 only: the MHA rows)
     "scores fold query, 2 KV heads a program": {"fold_query": True, "heads_per_program": 2},
     "scores fold query, 2 stages": {"fold_query": True, "scores_stages_tables": 2},

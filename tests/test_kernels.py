@@ -352,10 +352,11 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     "k_ranks, head_dim, norm",
     [([13, 38], 64, False), ([7, 21, 64], 64, True), ([38, 17, 5, 40], 128, False)],
 )  # rank chunks 32 + 16, one chunk of 64 (and k-norm), 32 + 16 at head_dim 128
-def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm):
+@pytest.mark.parametrize("rank_pad", [16, 0])  # two rank chunks where needed, or one of a power of two
+def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm, rank_pad):
     """Keys rebuilt by one product of both RoPE halves and scored by one product over the head dimension."""
     case = make_case(2, 77, len(k_ranks), 2, head_dim, k_ranks, 45, pad=5, bias=True, norm=norm, seed=11)
-    check(case, dtype, {"joined_halves": True, "rope_table": tables})
+    check(case, dtype, {"joined_halves": True, "rope_table": tables, "rank_pad": rank_pad})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
