@@ -95,6 +95,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores fold query, 2 stages": {"fold_query": True, "scores_stages_tables": 2},
     "scores fold query, latents in place": {"fold_query": True, "fold_ahead": False},
     "scores fold query, tables side by side": {"fold_query": True, "joined_halves": True},
+    "scores fold query, tiles of 128 tokens": {"fold_query": True, "block_tokens": 128},  # (both passes' tiles)
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}
