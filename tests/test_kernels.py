@@ -374,6 +374,12 @@ def test_fold_query(poisoned, dtype, ahead, joined, k_ranks, head_dim, bias, hpp
     check(case, dtype, config | ({"scores_splits": splits} if splits else {}))
 
 
+def test_fold_query_tiles_of_128_tokens(poisoned):
+    """The folded scores with tiles of 128 tokens (both passes), a context that is not a multiple of them."""
+    case = make_case(2, 300, 2, 1, 128, [38, 17], 45, pad=7, bias=True, seed=14)
+    check(case, torch.float16, {"fold_query": True, "rope_table": True, "block_tokens": 128})
+
+
 def test_fold_query_keeps_large_queries_in_fp16_range():
     """The folded weights are scaled by a power of two into fp16's range: with queries of 10^4 and an up-projection
     64 times larger (latents 64 times smaller), their products pass 65,504, and the output still matches."""
