@@ -50,25 +50,30 @@ def median_ms(fn, warmup: int = 25, rep: int = 200) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def captured_graphs(calls: list) -> list:
+    """Each call captured once in a CUDA graph, after a warm-up run of all of them on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graphs = []
+    for call in calls:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        graphs.append(graph)
+    return graphs
+
+
 def rotating_ms(calls: list, graphs: bool) -> float:
     """
     Median ms of one call, cycling through `calls` (closures over different inputs, so that nothing stays in L2).
     With `graphs`, each call is captured once in a CUDA graph and the replays are timed (no launch overhead).
     """
     if graphs:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for call in calls:
-                call()
-        torch.cuda.current_stream().wait_stream(stream)
-        captured = []
-        for call in calls:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                call()
-            captured.append(graph)
-        calls = [graph.replay for graph in captured]
+        calls = [graph.replay for graph in captured_graphs(calls)]
     state = {"i": 0}
 
     def step():

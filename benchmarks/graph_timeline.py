@@ -15,26 +15,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import captured_graphs  # noqa: E402
 from decode_attention import HEAD_DIM, ROWS, latent_inputs  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
 kernels = import_remote("latent_decode")
 COPIES = 6  # inputs cycled through, so that nothing stays in L2
-
-
-def captured(calls: list) -> list:
-    """Each call captured in a CUDA graph (after a warm-up run of all of them)."""
-    for call in calls:
-        call()
-    torch.cuda.synchronize()
-    graphs = []
-    for call in calls:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        graphs.append(graph)
-    return graphs
 
 
 def replay_kernels(graphs: list, replays: int = 24) -> list[list[dict]]:
@@ -93,7 +80,7 @@ def main() -> None:
     for index in [int(a) for a in sys.argv[1:]] or [4, 0]:
         name, _, _, batch, tokens = ROWS[index]
         for label, calls in row_calls(index, g).items():
-            runs = replay_kernels(captured(calls))
+            runs = replay_kernels(captured_graphs(calls))
             print(f"\n== {name} B={batch} T={tokens} {label}: {len(runs)} replays, the last three")
             for run in runs[-3:]:
                 print("  " + describe(run))
