@@ -359,19 +359,39 @@ def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm, rank_pa
     check(case, dtype, {"joined_halves": True, "rope_table": tables, "rank_pad": rank_pad})
 
 
+@pytest.fixture
+def scores_launches(monkeypatch):
+    """The compile-time settings of every scores-pass launch (the kernel still runs)."""
+    launches = []
+    kernel = kernels._scores_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_scores_kernel", Recorder())
+    return launches
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ahead, joined", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize(
     "k_ranks, head_dim, bias, hpp, splits",
     [([13, 38], 64, True, 1, 0), ([7, 21, 64, 2], 64, False, 2, 2), ([38, 17, 5, 40], 128, True, 2, 0)],
 )  # one folded chunk of 64 columns, of 128 (a full-rank head, 2 heads a program, 2 tiles a split), head_dim 128
-def test_fold_query(poisoned, dtype, ahead, joined, k_ranks, head_dim, bias, hpp, splits):
+def test_fold_query(poisoned, scores_launches, dtype, ahead, joined, k_ranks, head_dim, bias, hpp, splits):
     """G = 1: scores from the RoPE tables times the query folded into the up-projection, keys never rebuilt (the
-    latents loaded a tile ahead or in place; cos and sin in two products or side by side in one)."""
+    latents loaded a tile ahead or in place; cos and sin in two products or side by side in one). fp32 inputs take
+    the exact path instead (the fold reads 16-bit tables)."""
     case = make_case(2, 157, len(k_ranks), 1, head_dim, k_ranks, 45, pad=5, bias=bias, seed=12)
     config = {"fold_query": True, "fold_ahead": ahead, "joined_halves": joined, "rope_table": True}
     config["heads_per_program"] = hpp
     check(case, dtype, config | ({"scores_splits": splits} if splits else {}))
+    assert [launch["FOLD"] for launch in scores_launches] == [dtype != torch.float32]
 
 
 def test_fold_query_tiles_of_128_tokens(poisoned):
