@@ -89,12 +89,18 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores joined halves, 2 stages": {"joined_halves": True, "scores_stages_tables": 2},
     "scores joined halves, 2 KV heads a program": {"joined_halves": True, "heads_per_program": 2},
     "scores joined halves, 8 warps": {"joined_halves": True, "scores_warps": 8},
-    "scores joined halves, one rank chunk": {"joined_halves": True, "rank_pad": 0},  # (2 waits a tile, 128 registers)
+    "scores joined halves, one rank chunk": {"joined_halves": True, "rank_pad": 0},  # (78 KB shared: 2 programs/SM)
+    "scores joined halves, one rank chunk, 2 stages": {"joined_halves": True, "rank_pad": 0, "scores_stages_tables": 2},
     "scores fold query": {"fold_query": True},  # (G = 1 only: the MHA rows)
     "scores fold query, 2 KV heads a program": {"fold_query": True, "heads_per_program": 2},
     "scores fold query, 2 stages": {"fold_query": True, "scores_stages_tables": 2},
     "scores fold query, latents in place": {"fold_query": True, "fold_ahead": False},
     "scores fold query, tables side by side": {"fold_query": True, "joined_halves": True},
+    "scores fold query, tables side by side, 2 stages": {
+        "fold_query": True,
+        "joined_halves": True,
+        "scores_stages_tables": 2,
+    },
     "scores fold query, tiles of 128 tokens": {"fold_query": True, "block_tokens": 128},  # (both passes' tiles)
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}

@@ -1,6 +1,7 @@
 """
-The decode kernels compiled for the H100 (sm_90a) on a machine without a GPU: registers, spills and the SASS
-instruction mix of each kernel's main loop, per launch setting. A development tool for trying kernel changes before
+The decode kernels compiled for the H100 (sm_90a) on a machine without a GPU: registers, spills, shared memory, the
+programs that fit a multiprocessor, and the tensor-core waits and SASS instruction mix of each kernel's main loop,
+per launch setting. A development tool for trying kernel changes before
 spending GPU time; it counts instructions, it does not time them (on the H100, 32% fewer scores-pass instructions
 made that pass 6-10% faster: see benchmarks/README.md).
 
@@ -130,6 +131,15 @@ def opcode_counts(instructions: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+def resident(registers: int, shared: int, warps: int) -> int:
+    """Programs that fit on one H100 multiprocessor: 64K registers (allocated per warp in units of 256) and 227 KB of
+    shared memory per program at most (228 KB per multiprocessor, 1 KB of it reserved per program)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = 65536 // (per_warp * warps) if registers else 99
+    by_shared = (228 * 1024) // (shared + 1024)
+    return min(by_registers, by_shared, 32)
+
+
 def report(name: str, kernel, sass_path: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -140,8 +150,12 @@ def report(name: str, kernel, sass_path: str | None) -> None:
     stack = re.search(r"STACK:(\d+)", usage.stdout)
     body = loop_body(sass)
     top = " ".join(f"{op}:{n}" for op, n in list(opcode_counts(body).items())[:16])
-    print(f"  {name}: {regs and regs.group(1)} registers, stack {stack and stack.group(1)} B, "
-          f"loop {len(body)} instructions | {top}")  # fmt: skip
+    shared, warps = kernel.metadata.shared, kernel.metadata.num_warps
+    registers = int(regs.group(1)) if regs else 0
+    waits = sum("DEPBAR.LE gsb0" in line for line in body)
+    print(f"  {name}: {registers} registers, stack {stack and stack.group(1)} B, shared {shared / 1024:.0f} KB, "
+          f"{resident(registers, shared, warps)} programs/SM, loop {len(body)} instructions, {waits} tensor-core "
+          f"waits | {top}")  # fmt: skip
     if sass_path:
         Path(sass_path).write_text(sass)
 
