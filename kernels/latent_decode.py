@@ -805,6 +805,9 @@ DEFAULT_CONFIG = {
     "values_splits": 0,  # the same for the values pass
     "scores_fewer_splits": (2, 16),  # but down to 2 programs per SM while splits would get fewer than 16 tiles each
     # (each program loads its head's up-projection once: at batch 1 that prologue outweighs a few tiles)
+    "scores_resident": 3,  # scores programs resident per multiprocessor (167 registers): down to half the splits
+    # where whole waves fill better (H100, joined halves: GQA B1 64K 0.103 -> 0.092 ms, MHA B1 16K 0.099 -> 0.090,
+    # GQA B8 16K 0.167 -> 0.164; 0 turns it off)
     "values_fewer_splits": (2, 16),  # the same for the values pass (batch 1: fewer partial results to merge)
     "scores_warps": 4,
     "scores_stages": 1,  # with angle addition
@@ -818,7 +821,7 @@ DEFAULT_CONFIG = {
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
-    "joined_halves": False,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
+    "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 155 registers instead of 167, 468 loop
     # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU. With fold_query: cos
     # and sin side by side, one product (1 wait a tile instead of 2, but 151 registers instead of 128)
@@ -886,11 +889,19 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _splits(
-    tiles: int, programs_per_split: int, device: torch.device, per_sm: int, fewest_per_sm: int = 0, tiles_each: int = 1
+    tiles: int,
+    programs_per_split: int,
+    device: torch.device,
+    per_sm: int,
+    fewest_per_sm: int = 0,
+    tiles_each: int = 1,
+    resident: int = 0,
 ) -> tuple[int, int]:
     """
     (splits, tiles per split) giving the launch about `per_sm` programs per multiprocessor; or, where that leaves
     fewer than `tiles_each` tiles to a split, fewer splits (down to `fewest_per_sm` programs per multiprocessor).
+    With `resident` (the programs that fit a multiprocessor at once), down to half as many splits where that fills
+    the last wave of programs better (`_wave_fill`).
     """
     sms = _multiprocessors(device)
     programs = max(programs_per_split, 1)
@@ -898,8 +909,16 @@ def _splits(
     if fewest_per_sm:
         splits = min(splits, max(-(-fewest_per_sm * sms // programs), tiles // tiles_each))
     splits = max(1, min(tiles, splits))
+    if resident:
+        slots = resident * sms
+        splits = max(range(-(-splits // 2), splits + 1), key=lambda s: (_wave_fill(s * programs, slots), s))
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
+
+
+def _wave_fill(programs: int, slots: int) -> float:
+    """The share of `slots` (programs resident at once on the device) that `programs` keep busy over their waves."""
+    return programs / (-(-programs // slots) * slots)
 
 
 _RANK_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -1038,8 +1057,9 @@ def latent_decode_attention(
     most = 2 if fold else 4  # (the folded scores keep each head's next latents in registers)
     hpp = max(n for n in (1, 2, 4) if n <= min(most, cfg["heads_per_program"]) and num_kv_heads % n == 0)
     _, per_split = _splits(
-        tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"]
-    )
+        tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
+        resident=cfg["scores_resident"],
+    )  # fmt: skip
     if cfg["scores_splits"]:
         per_split = -(-tiles // cfg["scores_splits"])
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
