@@ -85,23 +85,9 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 128, 8 programs/SM": {"value_block": 128, "values_programs_per_sm": 8},
     "values block 256": {"value_block": 256},
     "scores bf16 tables": {"_tables": "bfloat16"},  # (rope_tables gives fp16 tables for 16-bit models)
-    "scores joined halves": {"joined_halves": True},
-    "scores joined halves, 2 stages": {"joined_halves": True, "scores_stages_tables": 2},
-    "scores joined halves, 2 KV heads a program": {"joined_halves": True, "heads_per_program": 2},
-    "scores joined halves, 8 warps": {"joined_halves": True, "scores_warps": 8},
-    "scores joined halves, one rank chunk": {"joined_halves": True, "rank_pad": 0},  # (78 KB shared: 2 programs/SM)
-    "scores joined halves, one rank chunk, 2 stages": {"joined_halves": True, "rank_pad": 0, "scores_stages_tables": 2},
-    "scores fold query": {"fold_query": True},  # (G = 1 only: the MHA rows)
-    "scores fold query, 2 KV heads a program": {"fold_query": True, "heads_per_program": 2},
-    "scores fold query, 2 stages": {"fold_query": True, "scores_stages_tables": 2},
-    "scores fold query, latents in place": {"fold_query": True, "fold_ahead": False},
-    "scores fold query, tables side by side": {"fold_query": True, "joined_halves": True},
-    "scores fold query, tables side by side, 2 stages": {
-        "fold_query": True,
-        "joined_halves": True,
-        "scores_stages_tables": 2,
-    },
-    "scores fold query, tiles of 128 tokens": {"fold_query": True, "block_tokens": 128},  # (both passes' tiles)
+    "scores split halves": {"joined_halves": False},  # (each RoPE half rebuilt and scored by its own products)
+    "scores one rank chunk": {"rank_pad": 0},  # (78 KB shared: 2 programs/SM)
+    "scores without whole waves": {"scores_resident": 0},  # (the split count as chosen before session 14)
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

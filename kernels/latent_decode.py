@@ -11,8 +11,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    inputs (half the bytes between the passes; the keys and queries they come from are 16-bit already). The head's
    rank is covered by two power-of-two column chunks (38 -> 32 + 16) read as 16-byte loads from the 8-aligned column
    at or before the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
-   `fold_query` (G = 1; off until timed on a GPU) instead folds the query into the up-projection, so that the RoPE
-   tables times the folded weights give a factor per latent column and the keys are never rebuilt (`_fold`).
+   For 16-bit latents a chunk's two RoPE halves are rebuilt side by side by one product, and the G queries are
+   scored by one product over the head dimension (`joined_halves`).
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
@@ -23,7 +23,8 @@ code bytes and one fp16 scale per token and group (8-bit groups first, then 4-bi
 or per value where groups are smaller than 32 channels or a key head has more than three groups.
 
 A single fused pass over all KV heads (scores never leaving the chip) was measured slower than these two passes on
-the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a).
+the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a), and so was folding the
+query into the up-projection for G = 1, which never rebuilds the keys (8% slower at MHA B16; commit 3b89296).
 
 RoPE without tables: the angles of consecutive positions are built by angle addition from one exactly reduced angle
 per tile (cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a
@@ -376,36 +377,16 @@ if triton is not None:
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
-    def _fold(w_lo, w_hi, q_lo, q_hi, DTYPE: tl.constexpr):
-        """
-        One query folded into a head's up-projection rows (R, HALF) twice: q . RoPE(W z) = sum over frequencies of
-        cos (z . (W_lo q_lo + W_hi q_hi)) + sin (z . (W_lo q_hi - W_hi q_lo)). Returned transposed, (HALF, R), in the
-        RoPE tables' dtype and scaled by a power of two that puts their largest value at 2^13..2^14 (fp16 range and
-        precision for any query), with the factor that undoes it.
-        """
-        lo, hi = w_lo.to(tl.float32), w_hi.to(tl.float32)
-        fold_cos = lo * q_lo[None, :] + hi * q_hi[None, :]
-        fold_sin = lo * q_hi[None, :] - hi * q_lo[None, :]
-        largest = tl.maximum(tl.max(tl.max(tl.abs(fold_cos), 1), 0), tl.max(tl.max(tl.abs(fold_sin), 1), 0))
-        power = tl.ceil(tl.log2(tl.maximum(largest, 1e-30)))
-        scale = tl.exp2(14.0 - power)
-        fold_cos = tl.trans(fold_cos * scale).to(DTYPE)
-        fold_sin = tl.trans(fold_sin * scale).to(DTYPE)
-        return fold_cos, fold_sin, tl.exp2(power - 14.0)
-
-    @triton.jit
     def _head_setup(
         Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
         HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
-        JOINED: tl.constexpr, FOLD: tl.constexpr, TABLE_DTYPE: tl.constexpr,
+        JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         What the scores pass keeps of a KV head across its tiles: its up-projection (`wts`: the R1 and R2 row chunks,
         or each scale group's even and odd rows), its G queries (transposed), bias, and where its codes lie. JOINED:
         each chunk's RoPE halves side by side, (R, 2 HALF), and the queries whole, (2 HALF, GP), in both query slots.
-        FOLD: the query folded into the up-projection and bias instead (`_fold`), and the power of two that undoes
-        the folded weights' scaling.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
@@ -432,9 +413,7 @@ if triton is not None:
             start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
                 W, stride_wd, offset, rank, row_len, dims, HALF, R1, R2, ALIGNED
             )
-            if FOLD:
-                wts = (w1_lo, w1_hi)
-            elif JOINED:
+            if JOINED:
                 w1 = tl.reshape(tl.permute(tl.join(w1_lo, w1_hi), (0, 2, 1)), [R1, 2 * HALF])
                 if R2 > 0:
                     w2 = tl.reshape(tl.permute(tl.join(w2_lo, w2_hi), (0, 2, 1)), [R2, 2 * HALF])
@@ -446,7 +425,7 @@ if triton is not None:
         q_ptr = Q + b * stride_qb + (head * G + g)[None, :] * stride_qh + dims[:, None]
         q_lo = tl.load(q_ptr, mask=g[None, :] < G, other=0.0)  # (HALF, GP)
         q_hi = tl.load(q_ptr + HALF, mask=g[None, :] < G, other=0.0)
-        if JOINED and not FOLD:
+        if JOINED:
             q_lo = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (2, 0, 1)), [2 * HALF, g.shape[0]])
             q_hi = q_lo
         if HAS_BIAS:
@@ -455,97 +434,42 @@ if triton is not None:
         else:
             bias_lo = tl.zeros([HALF], tl.float32)
             bias_hi = bias_lo
-        unscale = 1.0
-        if FOLD:
-            q1_lo = tl.sum(q_lo.to(tl.float32), 1)  # (HALF,): the one query head (the padded columns are zero)
-            q1_hi = tl.sum(q_hi.to(tl.float32), 1)
-            fold_cos, fold_sin, unscale = _fold(wts[0], wts[1], q1_lo, q1_hi, TABLE_DTYPE)
-            if JOINED:  # cos rows over sin rows, (2 HALF, R1): one product with the tables side by side
-                joined = tl.reshape(tl.permute(tl.join(fold_cos, fold_sin), (2, 0, 1)), [2 * HALF, R1])
-                wts = (joined, joined)
-            else:
-                wts = (fold_cos, fold_sin)
-            bias_lo, bias_hi = bias_lo * q1_lo + bias_hi * q1_hi, bias_lo * q1_hi - bias_hi * q1_lo
-        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size), unscale
-
-    @triton.jit
-    def _for_buffer(scores, keep, DTYPE: tl.constexpr):
-        """
-        Scores as stored: -inf where not `keep`; for an fp16 buffer, finite scores stay finite and NaN stays NaN
-        (selects, as minimum/maximum drop NaN and tl.clamp fails under torch.compile): past +-65000 they saturate
-        (exact while a single token is past the range: the softmax is one-hot on it either way).
-        """
-        if DTYPE == tl.float16:
-            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
-        return tl.where(keep, scores, float("-inf")).to(DTYPE)
-
-    @triton.jit
-    def _folded_latents(ZK, zrow, ok, start, limit, R1: tl.constexpr):
-        """A head's latent columns of a tile as the folded scores read them: (BT, R1) from its first column."""
-        c = tl.arange(0, R1)
-        return tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=ok[:, None] & (c[None, :] < limit), other=0.0)
-
-    @triton.jit
-    def _folded_scores(
-        z, wts, bias_cos, bias_sin, unscale, cos, sin,
-        PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, JOINED: tl.constexpr,
-    ):  # fmt: skip
-        """
-        A tile's scores (BT,) of the one query folded into a head's up-projection (`_fold`), from its latents `z`:
-        the keys are never rebuilt nor rotated; the tile's cos/sin tables, as loaded, times the folded weights give
-        one factor per latent column (tensor cores), and the scores are their row sums with the latents.
-        """
-        if JOINED:  # the tables side by side, (BT, 2 HALF), and one product
-            tables = tl.reshape(tl.permute(tl.join(cos, sin), (0, 2, 1)), [cos.shape[0], 2 * cos.shape[1]])
-            factors = tl.dot(tables, wts[0], input_precision=PRECISION)
-        else:
-            factors = tl.dot(cos, wts[0], input_precision=PRECISION)
-            factors = tl.dot(sin, wts[1], factors, input_precision=PRECISION)  # (BT, R1)
-        scores = tl.sum(factors * z.to(tl.float32), 1) * unscale
-        if HAS_BIAS:
-            # the bias's share: sum over frequencies of cos (b_lo q_lo + b_hi q_hi) + sin (b_lo q_hi - b_hi q_lo)
-            scores += tl.sum(cos.to(tl.float32) * bias_cos[None, :] + sin.to(tl.float32) * bias_sin[None, :], 1)
-        return scores
+        return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size)
 
     @triton.jit
     def _head_tile_scores(
         ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
-        stride_sh, stride_st, z,
+        stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr,
-        AHEAD: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
-        the stores vectorize). FOLD: G = 1, the query folded into the weights (`_folded_scores`), from the latents
-        `z` loaded a tile ahead (AHEAD) or here.
+        the stores vectorize).
         """
-        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec, unscale = setup
-        if FOLD:
-            if not AHEAD:
-                z = _folded_latents(ZK, zrow, in_range, start, limit, R1)
-            scores = _folded_scores(z, wts, bias_lo, bias_hi, unscale, cos, sin, PRECISION, HAS_BIAS, JOINED)
-            scores = _for_buffer(scores * scaling, keep, S.dtype.element_ty)
-            tl.store(S + srow + head * stride_sh + t * stride_st, scores, mask=stored)
+        start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
+        rot_lo, rot_hi = _rotated_keys(
+            ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
+            HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
+        )  # fmt: skip
+        if JOINED:  # one product over the whole head dimension
+            rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
+            scores = tl.dot(rot, q_lo, input_precision=PRECISION) * scaling  # (BT, GP)
         else:
-            rot_lo, rot_hi = _rotated_keys(
-                ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
-                HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
-            )  # fmt: skip
-            if JOINED:  # one product over the whole head dimension
-                rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
-                scores = tl.dot(rot, q_lo, input_precision=PRECISION) * scaling  # (BT, GP)
-            else:
-                scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
-                scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
-            scores = _for_buffer(scores, keep[:, None], S.dtype.element_ty)
-            tl.store(
-                S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
-                scores,
-                mask=stored[:, None] & (g[None, :] < G),
-            )
+            scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
+            scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
+        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
+            # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
+            # a single token is past the range: the softmax is one-hot on it either way)
+            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
+        scores = tl.where(keep[:, None], scores, float("-inf"))
+        tl.store(
+            S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
+            scores.to(S.dtype.element_ty),
+            mask=stored[:, None] & (g[None, :] < G),
+        )
 
     @triton.jit
     def _scores_kernel(
@@ -559,7 +483,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr, FOLD: tl.constexpr, AHEAD: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -579,21 +503,21 @@ if triton is not None:
         i = tl.arange(0, BT)
         setup0 = _head_setup(
             Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
         )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
         if HPP > 2:
             setup2 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
             setup3 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD, COS.dtype.element_ty,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -602,45 +526,18 @@ if triton is not None:
         norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
         first = split * tiles_per_split
-        end = tl.minimum(T, (first + tiles_per_split) * BT)  # (this split's tokens)
-        tl.static_assert(not FOLD or HPP <= 2)
-        if FOLD and AHEAD:  # the folded scores' latents feed no product, so the pipeliner leaves their loads in place:
-            # they are loaded one tile ahead instead
-            t_next = first * BT + i
-            z_next0 = _folded_latents(ZK, b * stride_zb + t_next * stride_zt, t_next < end, setup0[0], setup0[1], R1)
-            if HPP > 1:
-                z_next1 = _folded_latents(
-                    ZK, b * stride_zb + t_next * stride_zt, t_next < end, setup1[0], setup1[1], R1
-                )
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
             stored = t < TP
-            if FOLD and AHEAD:
-                z0 = z_next0
-                t_next = t + BT
-                zrow_next = b * stride_zb + t_next * stride_zt
-                ok_next = t_next < end
-                z_next0 = _folded_latents(ZK, zrow_next, ok_next, setup0[0], setup0[1], R1)
-                if HPP > 1:
-                    z1 = z_next1
-                    z_next1 = _folded_latents(ZK, zrow_next, ok_next, setup1[0], setup1[1], R1)
-                else:
-                    z1 = z0
-            else:
-                z0 = i
-                z1 = i
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 # (0 past the context, which the masked copies write anyway: no selects; those keys are masked out)
-                cos = tl.load(COS + table, mask=in_range[:, None], other=0.0)
-                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0)
-                if not FOLD:  # (FOLD: they are a product's first operand, as loaded)
-                    cos = cos.to(tl.float32)
-                    sin = sin.to(tl.float32)
+                cos = tl.load(COS + table, mask=in_range[:, None], other=0.0).to(tl.float32)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
             else:
                 pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
                 if EXACT_ROPE:
@@ -664,25 +561,25 @@ if triton is not None:
             srow = b * stride_sb
             _head_tile_scores(
                 ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
-                scaling, stride_sh, stride_st, z0, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
+                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                HAS8, HAS4, ALIGN, JOINED,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, z1, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                    SLOTS, HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, JOINED,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, i, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                    SLOTS, HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, JOINED,
                 )  # fmt: skip
                 _head_tile_scores(
                     ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, i, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                    SLOTS, HAS8, HAS4, ALIGN, JOINED, FOLD, AHEAD,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, JOINED,
                 )  # fmt: skip
 
     @triton.jit
@@ -805,9 +702,8 @@ DEFAULT_CONFIG = {
     "values_splits": 0,  # the same for the values pass
     "scores_fewer_splits": (2, 16),  # but down to 2 programs per SM while splits would get fewer than 16 tiles each
     # (each program loads its head's up-projection once: at batch 1 that prologue outweighs a few tiles)
-    "scores_resident": 3,  # scores programs resident per multiprocessor (167 registers): down to half the splits
-    # where whole waves fill better (H100, joined halves: GQA B1 64K 0.103 -> 0.092 ms, MHA B1 16K 0.099 -> 0.090,
-    # GQA B8 16K 0.167 -> 0.164; 0 turns it off)
+    "scores_resident": 3,  # scores programs resident per multiprocessor (154-167 registers): down to half the splits
+    # where whole waves fill better (H100: GQA B1 64K 0.103 -> 0.091 ms, MHA B1 16K 0.099 -> 0.089; 0 turns it off)
     "values_fewer_splits": (2, 16),  # the same for the values pass (batch 1: fewer partial results to merge)
     "scores_warps": 4,
     "scores_stages": 1,  # with angle addition
@@ -822,12 +718,8 @@ DEFAULT_CONFIG = {
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
-    # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 155 registers instead of 167, 468 loop
-    # instructions instead of 485 (benchmarks/sass_report.py, GQA B16); not yet timed on a GPU. With fold_query: cos
-    # and sin side by side, one product (1 wait a tile instead of 2, but 151 registers instead of 128)
-    "fold_query": False,  # G = 1, 16-bit latents with RoPE tables, no k-norm: the query folded into the up-projection,
-    # so the tables times it give per-column factors of the latents and keys are never rebuilt (not yet timed)
-    "fold_ahead": True,  # fold_query: each tile's latents loaded one tile ahead (registers; the pipeliner skips them)
+    # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
+    # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -1046,16 +938,14 @@ def latent_decode_attention(
         codec_table = ranks
         k_flags = v_flags = {"HAS8": False, "HAS4": False, "ALIGN": 1}
         group = 32
+    r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
-    fold = bool(cfg["fold_query"]) and groups == 1 and k_norm is None and use_table and not quant
-    r1, r2 = _rank_chunks(k_ranks, 0 if fold else cfg["rank_pad"], aligned)  # fold: one chunk
     heads_p2 = _next_pow2(num_heads)
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
 
-    most = 2 if fold else 4  # (the folded scores keep each head's next latents in registers)
-    hpp = max(n for n in (1, 2, 4) if n <= min(most, cfg["heads_per_program"]) and num_kv_heads % n == 0)
+    hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
         resident=cfg["scores_resident"],
@@ -1086,7 +976,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant, FOLD=fold, AHEAD=bool(cfg["fold_ahead"]),
+        JOINED=bool(cfg["joined_halves"]) and not quant,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

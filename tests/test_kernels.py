@@ -346,19 +346,6 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     assert (got.double() - expected).norm() / expected.norm() < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tables", [False, True])
-@pytest.mark.parametrize(
-    "k_ranks, head_dim, norm",
-    [([13, 38], 64, False), ([7, 21, 64], 64, True), ([38, 17, 5, 40], 128, False)],
-)  # rank chunks 32 + 16, one chunk of 64 (and k-norm), 32 + 16 at head_dim 128
-@pytest.mark.parametrize("rank_pad", [16, 0])  # two rank chunks where needed, or one of a power of two
-def test_joined_halves(poisoned, dtype, tables, k_ranks, head_dim, norm, rank_pad):
-    """Keys rebuilt by one product of both RoPE halves and scored by one product over the head dimension."""
-    case = make_case(2, 77, len(k_ranks), 2, head_dim, k_ranks, 45, pad=5, bias=True, norm=norm, seed=11)
-    check(case, dtype, {"joined_halves": True, "rope_table": tables, "rank_pad": rank_pad})
-
-
 @pytest.fixture
 def scores_launches(monkeypatch):
     """The compile-time settings of every scores-pass launch (the kernel still runs)."""
@@ -378,37 +365,33 @@ def scores_launches(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ahead, joined", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("tables", [False, True])
 @pytest.mark.parametrize(
-    "k_ranks, head_dim, bias, hpp, splits",
-    [([13, 38], 64, True, 1, 0), ([7, 21, 64, 2], 64, False, 2, 2), ([38, 17, 5, 40], 128, True, 2, 0)],
-)  # one folded chunk of 64 columns, of 128 (a full-rank head, 2 heads a program, 2 tiles a split), head_dim 128
-def test_fold_query(poisoned, scores_launches, dtype, ahead, joined, k_ranks, head_dim, bias, hpp, splits):
-    """G = 1: scores from the RoPE tables times the query folded into the up-projection, keys never rebuilt (the
-    latents loaded a tile ahead or in place; cos and sin in two products or side by side in one). fp32 inputs take
-    the exact path instead (the fold reads 16-bit tables)."""
-    case = make_case(2, 157, len(k_ranks), 1, head_dim, k_ranks, 45, pad=5, bias=bias, seed=12)
-    config = {"fold_query": True, "fold_ahead": ahead, "joined_halves": joined, "rope_table": True}
-    config["heads_per_program"] = hpp
-    check(case, dtype, config | ({"scores_splits": splits} if splits else {}))
-    assert [launch["FOLD"] for launch in scores_launches] == [dtype != torch.float32]
+    "k_ranks, head_dim, norm",
+    [([13, 38], 64, False), ([7, 21, 64], 64, True), ([38, 17, 5, 40], 128, False)],
+)  # rank chunks 32 + 16, one chunk of 64 (and k-norm), 32 + 16 at head_dim 128
+@pytest.mark.parametrize("joined, rank_pad", [(True, 16), (True, 0), (False, 16)])  # (rank_pad 0: one chunk)
+def test_rope_halves(poisoned, scores_launches, dtype, tables, k_ranks, head_dim, norm, joined, rank_pad):
+    """Keys rebuilt by one product of both RoPE halves and scored by one product over the head dimension (the
+    default), or each half by its own products."""
+    case = make_case(2, 77, len(k_ranks), 2, head_dim, k_ranks, 45, pad=5, bias=True, norm=norm, seed=11)
+    check(case, dtype, {"joined_halves": joined, "rope_table": tables, "rank_pad": rank_pad})
+    assert [launch["JOINED"] for launch in scores_launches] == [joined]
 
 
-def test_fold_query_tiles_of_128_tokens(poisoned):
-    """The folded scores with tiles of 128 tokens (both passes), a context that is not a multiple of them."""
-    case = make_case(2, 300, 2, 1, 128, [38, 17], 45, pad=7, bias=True, seed=14)
-    check(case, torch.float16, {"fold_query": True, "rope_table": True, "block_tokens": 128})
-
-
-def test_fold_query_keeps_large_queries_in_fp16_range():
-    """The folded weights are scaled by a power of two into fp16's range: with queries of 10^4 and an up-projection
-    64 times larger (latents 64 times smaller), their products pass 65,504, and the output still matches."""
-    case = make_case(1, 40, 2, 1, 64, [13, 38], 45, seed=13)
-    case["query"] = case["query"] * 1e4
-    case["scaling"] = 1e-4 / 8
-    case["k_up_weight"] = case["k_up_weight"] * 64
-    case["key_latents"] = case["key_latents"] / 64
-    check(case, torch.float16, {"fold_query": True, "rope_table": True})
+@pytest.mark.parametrize(
+    "tiles, programs, splits",
+    [(1024, 8, 49), (256, 32, 12), (1024, 32, 24), (256, 64, 12), (256, 8, 32), (512, 128, 9), (512, 512, 3)],
+)  # the H100's decode_attention rows: GQA B1 64K, MHA B1 16K / 64K, GQA B8, GQA B1 16K, GQA / MHA B16
+def test_splits_fill_whole_waves(monkeypatch, tiles, programs, splits):
+    """With 3 programs resident per multiprocessor, the scores pass takes the split count between half the plain
+    choice and the plain choice whose programs fill their last wave best (on 132 multiprocessors)."""
+    monkeypatch.setitem(kernels._MULTIPROCESSORS, "cuda", 132)
+    cuda = torch.device("cuda")
+    plain, _ = kernels._splits(tiles, programs, cuda, 8, 2, 16)
+    got, per_split = kernels._splits(tiles, programs, cuda, 8, 2, 16, resident=3)
+    assert got == splits and -(-plain // 2) <= got <= plain and got * per_split >= tiles > (got - 1) * per_split
+    assert kernels._wave_fill(got * programs, 396) >= kernels._wave_fill(plain * programs, 396)
 
 
 def test_rope_tables_hold_the_model_dtype_rounding_in_fp16():
