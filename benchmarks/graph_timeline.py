@@ -4,8 +4,10 @@ kernel's duration and the gaps between them (torch.profiler over graph replays, 
 kernel). Shows where a batch-1 call's time goes besides the kernels themselves. A development tool.
 
     PYTHONPATH=. python benchmarks/graph_timeline.py [ROW ...]   # indices of decode_attention.ROWS (default 4 0)
+    PYTHONPATH=. python benchmarks/graph_timeline.py 4 --config merge_up=32   # also STAR-KV with these settings
 """
 
+import argparse
 import json
 import sys
 import tempfile
@@ -55,8 +57,9 @@ def describe(run: list[dict]) -> str:
     return f"span {end - start:.1f} us: " + "; ".join(parts)
 
 
-def row_calls(index: int, g: torch.Generator) -> dict[str, list]:
-    """COPIES calls on different inputs of a row, for the STAR-KV kernel and for SDPA on the full cache."""
+def row_calls(index: int, g: torch.Generator, config: dict) -> dict[str, list]:
+    """COPIES calls on different inputs of a row, for the STAR-KV kernel (also with `config`, if any) and for SDPA on
+    the full cache."""
     name, heads, kv_heads, batch, tokens = ROWS[index]
     latents = [latent_inputs(kv_heads, batch, tokens, g) for _ in range(COPIES)]
     tables = [kernels.rope_tables(x["positions"], x["inv_freq"], 1.0, torch.bfloat16) for x in latents]
@@ -65,10 +68,14 @@ def row_calls(index: int, g: torch.Generator) -> dict[str, list]:
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     caches = [(torch.randn(shape, **bf16), torch.randn(shape, **bf16)) for _ in range(COPIES)]
     gqa = kv_heads != heads
+    settings = {"STAR-KV": {}} | ({f"STAR-KV {config}": config} if config else {})
     return {
-        "STAR-KV": [
-            lambda x=x, t=t: kernels.latent_decode_attention(query, **x, tables=t) for x, t in zip(latents, tables)
-        ],
+        label: [
+            lambda x=x, t=t, c=c: kernels.latent_decode_attention(query, **x, tables=t, config=c)
+            for x, t in zip(latents, tables)
+        ]
+        for label, c in settings.items()
+    } | {
         "SDPA": [
             lambda k=k, v=v: F.scaled_dot_product_attention(query[:, :, None], k, v, enable_gqa=gqa) for k, v in caches
         ],
@@ -76,10 +83,15 @@ def row_calls(index: int, g: torch.Generator) -> dict[str, list]:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("rows", type=int, nargs="*", default=[4, 0], help="indices of decode_attention.ROWS")
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=JSON", help="launch settings to time as well")
+    args = p.parse_args()
+    config = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.config)}
     g = torch.Generator(device="cuda").manual_seed(0)
-    for index in [int(a) for a in sys.argv[1:]] or [4, 0]:
+    for index in args.rows:
         name, _, _, batch, tokens = ROWS[index]
-        for label, calls in row_calls(index, g).items():
+        for label, calls in row_calls(index, g, config).items():
             runs = replay_kernels(captured_graphs(calls))
             print(f"\n== {name} B={batch} T={tokens} {label}: {len(runs)} replays, the last three")
             for run in runs[-3:]:

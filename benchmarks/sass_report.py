@@ -177,7 +177,10 @@ def main() -> None:
         print(f"{row[0]} B={row[3]}:")
         compiled = compile_call(kernels, row, config)
         for name in args.kernels:
-            report(name, compiled[name], args.sass)
+            if name in compiled:
+                report(name, compiled[name], args.sass)
+            else:
+                print(f"  {name}: not launched with these settings")
 
 
 if __name__ == "__main__":
