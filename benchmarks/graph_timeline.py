@@ -85,9 +85,15 @@ def row_calls(index: int, g: torch.Generator, config: dict) -> dict[str, list]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("rows", type=int, nargs="*", default=[4, 0], help="indices of decode_attention.ROWS")
-    p.add_argument("--config", nargs="*", default=[], metavar="KEY=JSON", help="launch settings to time as well")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=JSON", help="a launch setting to time as "
+                   "well (repeat the option for several)")  # fmt: skip
     args = p.parse_args()
-    config = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.config)}
+    config = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--config {item!r}: give KEY=JSON, e.g. merge_up=32")
+        config[key] = json.loads(value)
     g = torch.Generator(device="cuda").manual_seed(0)
     for index in args.rows:
         name, _, _, batch, tokens = ROWS[index]

@@ -854,7 +854,11 @@ def _splits(
     splits = max(1, min(tiles, splits))
     if resident:
         slots = resident * sms
-        splits = max(range(-(-splits // 2), splits + 1), key=lambda s: (_wave_fill(s * programs, slots), s))
+        # (judged by the splits launched: ceil(tiles / per_split) for s splits' per_split)
+        splits = max(
+            range(-(-splits // 2), splits + 1),
+            key=lambda s: (_wave_fill(-(-tiles // -(-tiles // s)) * programs, slots), s),
+        )
     per_split = -(-tiles // splits)
     return -(-tiles // per_split), per_split
 
@@ -992,6 +996,9 @@ def latent_decode_attention(
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
+    merge_up = cfg["merge_up"]
+    if merge_up and (head_dim % merge_up or merge_up & (merge_up - 1)):
+        raise ValueError(f"merge_up={merge_up}: give a power of two dividing head_dim {head_dim}, or 0")
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
@@ -1060,8 +1067,8 @@ def latent_decode_attention(
         GROUPS=groups_per_program, **v_flags,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
-    if cfg["merge_up"]:
-        return _merge_up(partial, maxes, sums, v_up_weight, v_bias, groups, query.dtype, cfg["merge_up"], value_block)
+    if merge_up:
+        return _merge_up(partial, maxes, sums, v_up_weight, v_bias, groups, query.dtype, merge_up, value_block)
     _merge_kernel[(_cdiv(v_rank, value_block), num_heads, batch)](
         partial, maxes, sums, aggregated,
         v_splits, v_rank,
@@ -1092,12 +1099,10 @@ def _merge_up(
     """The splits merged and up-projected by one launch of `_merge_up_kernel`: (batch, query heads, head_dim)."""
     batch, _, num_heads, v_rank = partial.shape
     head_dim = v_up_weight.shape[0] * groups // num_heads
-    if head_dim % dims_per_program or dims_per_program & (dims_per_program - 1):
-        raise ValueError(f"merge_up={dims_per_program}: give a power of two dividing head_dim {head_dim}, or 0")
     weight = v_up_weight if v_up_weight.stride(-1) == 1 else v_up_weight.contiguous()
     out = torch.empty(batch, num_heads, head_dim, dtype=dtype, device=partial.device)
     _merge_up_kernel[(head_dim // dims_per_program, num_heads, batch)](
-        partial, maxes, sums, weight, v_bias if v_bias is not None else weight, out,
+        partial, maxes, sums, weight, v_bias.contiguous() if v_bias is not None else weight, out,
         partial.shape[1], v_rank, groups,
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1), weight.stride(0),
         out.stride(0), out.stride(1),

@@ -211,8 +211,8 @@ def test_many_splits(poisoned, dtype):
 @pytest.mark.parametrize("dims", [32, 64])  # output dimensions per program (of head_dim 64)
 @pytest.mark.parametrize(
     "tokens, groups, v_rank, pad, bias, values_splits",
-    [(77, 4, 45, 5, False, 0), (700, 3, 70, 300, True, 20), (70, 1, 1030, 0, True, 3)],
-)  # GQA; more splits than one step combines, whole splits padding, a bias; MHA, a value rank of 1030 (blocks of 128)
+    [(77, 4, 45, 5, False, 0), (700, 3, 70, 300, True, 44), (70, 1, 1030, 0, True, 3)],
+)  # GQA; 44 splits of one tile (16 a step), whole splits padding, a bias; MHA, a value rank of 1030 (blocks of 128)
 def test_merge_up(poisoned, monkeypatch, dtype, dims, tokens, groups, v_rank, pad, bias, values_splits):
     """The splits merged and up-projected by one kernel (`merge_up`) instead of the merge kernel and a matmul."""
     monkeypatch.setattr(torch, "bmm", None)  # (the matmul path is not taken)
