@@ -606,7 +606,7 @@ if triton is not None:
 
     @triton.jit
     def _values_kernel(
-        S, ZV, ACC, MAX, SUM, OUT,
+        S, ZV, ACC, MAX, SUM, LIKE,
         T, TP, tiles_per_split, num_heads, v_rank, v_n8, v_scales, v_size,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
@@ -616,7 +616,7 @@ if triton is not None:
         QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits; codes from byte 0,
         v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
         group, the program's RVB = GROUPS * GROUP columns being its groups'. ALIGN divides the row strides, v_n8 and
-        v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
+        v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to.
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -641,12 +641,12 @@ if triton is not None:
             if GROUPS > 0:
                 even, odd = _group_latents(
                     ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales,
-                    tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, OUT.dtype.element_ty, HAS8, HAS4, ALIGN,
+                    tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, LIKE.dtype.element_ty, HAS8, HAS4, ALIGN,
                 )  # fmt: skip
                 z = tl.reshape(tl.join(even, odd), [BT, RVB])  # channel order: group, pair, even/odd
             elif QUANT:
                 z = _dequantized(
-                    ZV, row, in_range, rv, v_rank, (v_n8, 0, v_scales, v_size), GROUP, OUT.dtype.element_ty
+                    ZV, row, in_range, rv, v_rank, (v_n8, 0, v_scales, v_size), GROUP, LIKE.dtype.element_ty
                 )
             else:
                 z = tl.load(ZV + row[:, None] + rv[None, :], mask=in_range[:, None] & rv_ok[None, :], other=0.0)
@@ -1056,9 +1056,8 @@ def latent_decode_attention(
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
-    aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
     _values_kernel[(value_programs, v_splits, batch)](
-        scores, value_latents, partial, maxes, sums, aggregated,
+        scores, value_latents, partial, maxes, sums, query,
         tokens, padded, v_per_split, num_heads, v_rank, *((v_codec.n8[0], v_codec.scale_offsets[0],
         _padded_code_bytes(v_codec)[0]) if quant else (0, 0, 0)),
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
@@ -1069,6 +1068,7 @@ def latent_decode_attention(
     )  # fmt: skip
     if merge_up:
         return _merge_up(partial, maxes, sums, v_up_weight, v_bias, groups, query.dtype, merge_up, value_block)
+    aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
     _merge_kernel[(_cdiv(v_rank, value_block), num_heads, batch)](
         partial, maxes, sums, aggregated,
         v_splits, v_rank,
