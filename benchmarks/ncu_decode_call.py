@@ -4,10 +4,11 @@ quote): a row of decode_attention.py (default 7: GQA 8B, batch 16, 32K), bf16 or
 
     ncu --clock-control none -k regex:"_scores_kernel|_values_kernel" --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \\
-        python benchmarks/ncu_decode_call.py --bits 4
+        python benchmarks/ncu_decode_call.py --bits 4 [--config heads_per_program=2 ...]
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,7 +25,9 @@ def main() -> None:
     p.add_argument("--bits", choices=sorted(bench.SETTINGS), default="4")
     p.add_argument("--row", type=int, default=7, help="index into decode_attention.ROWS")
     p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--config", action="append", default=[], metavar="KEY=JSON", help="a launch setting (repeatable)")
     args = p.parse_args()
+    config = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.config)}
     kernels = import_remote("latent_decode")
     bench.K_RANK, bench.V_PER_HEAD, bench.EIGHT_BIT = bench.SETTINGS[args.bits]
     name, heads, kv_heads, batch, tokens = bench.ROWS[args.row]
@@ -34,9 +37,9 @@ def main() -> None:
     tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
     query = torch.randn(batch, heads, bench.HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     for _ in range(args.calls):
-        kernels.latent_decode_attention(query, **inputs, tables=tables)
+        kernels.latent_decode_attention(query, **inputs, tables=tables, config=config)
     torch.cuda.synchronize()
-    print(f"{args.calls} calls: {name} B={batch} T={tokens}, {args.bits}-bit latents")
+    print(f"{args.calls} calls: {name} B={batch} T={tokens}, {args.bits}-bit latents, settings {config}")
 
 
 if __name__ == "__main__":

@@ -754,6 +754,7 @@ DEFAULT_CONFIG = {
     # where whole waves fill better (H100: GQA B1 64K 0.103 -> 0.091 ms, MHA B1 16K 0.099 -> 0.089; 0 turns it off)
     "values_fewer_splits": (2, 16),  # the same for the values pass (batch 1: fewer partial results to merge)
     "scores_warps": 4,
+    "scores_maxnreg": 0,  # register cap of the scores pass (0: none), to keep 3 programs of 2 KV heads on an SM
     "scores_stages": 1,  # with angle addition
     "scores_stages_tables": 3,  # with RoPE tables (measured best on the H100 for each: 3 beats 2 by 8-24%)
     "values_warps": "auto",  # auto: 8 for blocks of 128 columns or more, else 4
@@ -1036,6 +1037,7 @@ def latent_decode_attention(
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
         JOINED=bool(cfg["joined_halves"]) and not quant,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
+        **({"maxnreg": cfg["scores_maxnreg"]} if cfg["scores_maxnreg"] else {}),
     )  # fmt: skip
 
     # quantized values dequantized per scale group (tiles of whole groups: a power of two of >= 16 channel pairs)
