@@ -4,7 +4,7 @@ kernel's duration and the gaps between them (torch.profiler over graph replays, 
 kernel). Shows where a batch-1 call's time goes besides the kernels themselves. A development tool.
 
     PYTHONPATH=. python benchmarks/graph_timeline.py [ROW ...]   # indices of decode_attention.ROWS (default 4 0)
-    PYTHONPATH=. python benchmarks/graph_timeline.py 4 --config merge_up=32   # also STAR-KV with these settings
+    PYTHONPATH=. python benchmarks/graph_timeline.py 4 --config heads_per_program=2   # also STAR-KV with these settings
 """
 
 import argparse
@@ -92,7 +92,7 @@ def main() -> None:
     for item in args.config:
         key, sep, value = item.partition("=")
         if not sep:
-            p.error(f"--config {item!r}: give KEY=JSON, e.g. merge_up=32")
+            p.error(f"--config {item!r}: give KEY=JSON, e.g. heads_per_program=2")
         config[key] = json.loads(value)
     g = torch.Generator(device="cuda").manual_seed(0)
     for index in args.rows:

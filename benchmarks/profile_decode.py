@@ -88,16 +88,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores split halves": {"joined_halves": False},  # (each RoPE half rebuilt and scored by its own products)
     "scores one rank chunk": {"rank_pad": 0},  # (78 KB shared: 2 programs/SM)
     "scores without whole waves": {"scores_resident": 0},  # (the split count as chosen before session 14)
-    "scores 2 KV heads a program, 168 registers": {"heads_per_program": 2, "scores_maxnreg": 168},  # (spills)
-    # (3 programs/SM, each tile's RoPE tables read from L2 once for two KV heads instead of once a head)
-    "scores 2 KV heads a program, 168 registers, 2 stages": {
-        "heads_per_program": 2,
-        "scores_maxnreg": 168,
-        "scores_stages_tables": 2,
-    },
-    "merge and up-projection in one kernel, 32 dims a program": {"merge_up": 32},  # (in place of merge + matmul)
-    "merge and up-projection in one kernel, 64 dims a program": {"merge_up": 64},
-    "merge and up-projection in one kernel, 128 dims a program": {"merge_up": 128},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

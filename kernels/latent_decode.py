@@ -16,8 +16,7 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
-   latent is up-projected once per query head (METHOD.md: values stay latent under the softmax). `merge_up` (off
-   until timed on a GPU) does both in one launch for small batches, where two launches cost more than their work.
+   latent is up-projected once per query head (METHOD.md: values stay latent under the softmax).
 
 Quantized latents (the codecs' uint8 rows) are dequantized as both passes read them: per scale group, from whole
 code bytes and one fp16 scale per token and group (8-bit groups first, then 4-bit ones with two channels per byte),
@@ -25,7 +24,8 @@ or per value where groups are smaller than 32 channels or a key head has more th
 
 A single fused pass over all KV heads (scores never leaving the chip) was measured slower than these two passes on
 the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a), and so was folding the
-query into the up-projection for G = 1, which never rebuilds the keys (8% slower at MHA B16; commit 3b89296).
+query into the up-projection for G = 1, which never rebuilds the keys (8% slower at MHA B16; commit 3b89296), and
+one kernel merging the splits and up-projecting them (15 us at GQA B1 16K against 3.3 + 3.6; commit 4d3aa0f).
 
 RoPE without tables: the angles of consecutive positions are built by angle addition from one exactly reduced angle
 per tile (cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a
@@ -692,53 +692,6 @@ if triton is not None:
         out = acc / tl.where(l_i > 0, l_i, 1.0)
         tl.store(OUT + b * stride_ob + h * stride_oh + rv, out.to(OUT.dtype.element_ty), mask=rv < v_rank)
 
-    @triton.jit
-    def _merge_up_kernel(
-        ACC, MAX, SUM, W, BIAS, OUT,
-        n_splits, v_rank, G,
-        stride_ab, stride_as, stride_ah, stride_mb, stride_ms, stride_wd, stride_ob, stride_oh,
-        D: tl.constexpr, DB: tl.constexpr, RVB: tl.constexpr, SB: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ):  # fmt: skip
-        """
-        One program per (block of DB output dimensions, query head, sequence): combines the head's splits RVB latent
-        columns at a time and multiplies each block into its KV head's up-projection rows at once, so the aggregated
-        latent never leaves the chip (one launch where the merge and a matmul take two; `merge_up`).
-        """
-        dims = tl.program_id(0) * DB + tl.arange(0, DB)
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        stats = b * stride_mb + h
-        m_all = tl.max(tl.full([SB], float("-inf"), tl.float32), 0)
-        for first in range(0, n_splits, SB):  # the largest running maximum of all splits first
-            split = first + tl.arange(0, SB)
-            m_all = tl.maximum(m_all, tl.max(tl.load(MAX + stats + split * stride_ms, mask=split < n_splits,
-                                                     other=float("-inf")), 0))  # fmt: skip
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-        l_all = tl.sum(tl.zeros([SB], tl.float32), 0)
-        for first in range(0, n_splits, SB):  # then the softmax's denominator
-            split = first + tl.arange(0, SB)
-            ok = split < n_splits
-            weight = tl.exp(tl.load(MAX + stats + split * stride_ms, mask=ok, other=float("-inf")) - m_all)
-            l_all += tl.sum(weight * tl.load(SUM + stats + split * stride_ms, mask=ok, other=0.0), 0)
-        out = tl.zeros([DB], tl.float32)
-        rows = W + ((h // G) * D + dims)[:, None] * stride_wd
-        for first_col in range(0, v_rank, RVB):
-            rv = first_col + tl.arange(0, RVB)
-            acc = tl.zeros([RVB], tl.float32)
-            for first in range(0, n_splits, SB):
-                split = first + tl.arange(0, SB)
-                ok = split < n_splits
-                weight = tl.exp(tl.load(MAX + stats + split * stride_ms, mask=ok, other=float("-inf")) - m_all)
-                a = tl.load(ACC + b * stride_ab + split[:, None] * stride_as + h * stride_ah + rv[None, :],
-                            mask=ok[:, None] & (rv < v_rank)[None, :], other=0.0)  # fmt: skip
-                acc += tl.sum(a * weight[:, None], 0)
-            w = tl.load(rows + rv[None, :], mask=(rv < v_rank)[None, :], other=0.0).to(tl.float32)
-            out += tl.sum(w * acc[None, :], 1)
-        out = out / tl.where(l_all > 0, l_all, 1.0)
-        if HAS_BIAS:
-            out += tl.load(BIAS + (h // G) * D + dims).to(tl.float32)
-        tl.store(OUT + b * stride_ob + h * stride_oh + dims, out.to(OUT.dtype.element_ty))
-
 
 DEFAULT_CONFIG = {
     "block_tokens": 64,  # cached tokens per tile (both passes)
@@ -754,7 +707,6 @@ DEFAULT_CONFIG = {
     # where whole waves fill better (H100: GQA B1 64K 0.103 -> 0.091 ms, MHA B1 16K 0.099 -> 0.089; 0 turns it off)
     "values_fewer_splits": (2, 16),  # the same for the values pass (batch 1: fewer partial results to merge)
     "scores_warps": 4,
-    "scores_maxnreg": 0,  # register cap of the scores pass (0: none), to keep 3 programs of 2 KV heads on an SM
     "scores_stages": 1,  # with angle addition
     "scores_stages_tables": 3,  # with RoPE tables (measured best on the H100 for each: 3 beats 2 by 8-24%)
     "values_warps": "auto",  # auto: 8 for blocks of 128 columns or more, else 4
@@ -769,9 +721,6 @@ DEFAULT_CONFIG = {
     "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
     # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
-    "merge_up": 0,  # output dimensions per program of a kernel that merges the splits and up-projects in one launch
-    # (e.g. 32), or 0: the merge kernel, then one matmul per KV head (GQA B1 16K spends 7 us of 36 in those two;
-    # not yet timed on a GPU)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
 }
 
@@ -997,9 +946,6 @@ def latent_decode_attention(
     r1, r2 = _rank_chunks(k_ranks, cfg["rank_pad"], aligned)
     use_table = (tables is not None or cfg["rope_table"]) and not exact
     heads_p2 = _next_pow2(num_heads)
-    merge_up = cfg["merge_up"]
-    if merge_up and (head_dim % merge_up or merge_up & (merge_up - 1)):
-        raise ValueError(f"merge_up={merge_up}: give a power of two dividing head_dim {head_dim}, or 0")
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
@@ -1037,7 +983,6 @@ def latent_decode_attention(
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
         JOINED=bool(cfg["joined_halves"]) and not quant,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
-        **({"maxnreg": cfg["scores_maxnreg"]} if cfg["scores_maxnreg"] else {}),
     )  # fmt: skip
 
     # quantized values dequantized per scale group (tiles of whole groups: a power of two of >= 16 channel pairs)
@@ -1068,8 +1013,6 @@ def latent_decode_attention(
         GROUPS=groups_per_program, **v_flags,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
-    if merge_up:
-        return _merge_up(partial, maxes, sums, v_up_weight, v_bias, groups, query.dtype, merge_up, value_block)
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
     _merge_kernel[(_cdiv(v_rank, value_block), num_heads, batch)](
         partial, maxes, sums, aggregated,
@@ -1085,32 +1028,6 @@ def latent_decode_attention(
     if v_bias is not None:
         out = out + v_bias.view(num_kv_heads, 1, head_dim)
     return out.reshape(batch, num_heads, head_dim)
-
-
-def _merge_up(
-    partial: torch.Tensor,
-    maxes: torch.Tensor,
-    sums: torch.Tensor,
-    v_up_weight: torch.Tensor,
-    v_bias: torch.Tensor | None,
-    groups: int,
-    dtype: torch.dtype,
-    dims_per_program: int,
-    value_block: int,
-) -> torch.Tensor:
-    """The splits merged and up-projected by one launch of `_merge_up_kernel`: (batch, query heads, head_dim)."""
-    batch, _, num_heads, v_rank = partial.shape
-    head_dim = v_up_weight.shape[0] * groups // num_heads
-    weight = v_up_weight if v_up_weight.stride(-1) == 1 else v_up_weight.contiguous()
-    out = torch.empty(batch, num_heads, head_dim, dtype=dtype, device=partial.device)
-    _merge_up_kernel[(head_dim // dims_per_program, num_heads, batch)](
-        partial, maxes, sums, weight, v_bias.contiguous() if v_bias is not None else weight, out,
-        partial.shape[1], v_rank, groups,
-        partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1), weight.stride(0),
-        out.stride(0), out.stride(1),
-        D=head_dim, DB=dims_per_program, RVB=min(value_block, 64), SB=16, HAS_BIAS=v_bias is not None,
-    )  # fmt: skip
-    return out
 
 
 __all__ = ["latent_decode_attention", "latent_decode_reference", "rope_cos_sin", "rope_tables", "use_decode_kernel"]

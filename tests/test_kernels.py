@@ -208,25 +208,6 @@ def test_many_splits(poisoned, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dims", [32, 64])  # output dimensions per program (of head_dim 64)
-@pytest.mark.parametrize(
-    "tokens, groups, v_rank, pad, bias, values_splits",
-    [(77, 4, 45, 5, False, 0), (700, 3, 70, 300, True, 44), (70, 1, 1030, 0, True, 3)],
-)  # GQA; 44 splits of one tile (16 a step), whole splits padding, a bias; MHA, a value rank of 1030 (blocks of 128)
-def test_merge_up(poisoned, monkeypatch, dtype, dims, tokens, groups, v_rank, pad, bias, values_splits):
-    """The splits merged and up-projected by one kernel (`merge_up`) instead of the merge kernel and a matmul."""
-    monkeypatch.setattr(torch, "bmm", None)  # (the matmul path is not taken)
-    config = {"merge_up": dims, "block_tokens": 16, "values_splits": values_splits}
-    check(make_case(2, tokens, 2, groups, 64, [9, 30], v_rank, pad=pad, bias=bias, seed=15), dtype, config)
-
-
-def test_merge_up_rejects_a_bad_width():
-    case = cast(make_case(1, 20, 1, 2, 64, [9], 16), torch.float32)
-    with pytest.raises(ValueError, match="merge_up=48: give a power of two dividing head_dim 64"):
-        kernels.latent_decode_attention(**case, config={"merge_up": 48})
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_wide_value_rank(poisoned, dtype):
     """From value rank 1024 the values pass and the merge take blocks of 128 columns (MHA 7B keeps 2048)."""
     check(make_case(1, 70, 2, 2, 64, [9, 30], 1030, seed=11), dtype)
