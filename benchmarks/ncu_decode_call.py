@@ -27,7 +27,12 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--config", action="append", default=[], metavar="KEY=JSON", help="a launch setting (repeatable)")
     args = p.parse_args()
-    config = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.config)}
+    config = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--config {item!r}: give KEY=JSON, e.g. heads_per_program=2")
+        config[key] = json.loads(value)
     kernels = import_remote("latent_decode")
     bench.K_RANK, bench.V_PER_HEAD, bench.EIGHT_BIT = bench.SETTINGS[args.bits]
     name, heads, kv_heads, batch, tokens = bench.ROWS[args.row]
