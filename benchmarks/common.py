@@ -1,5 +1,6 @@
 """Helpers shared by the GPU benchmarks: environment record, timing, bandwidth, results files."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -101,3 +102,14 @@ def write_results(name: str, data: dict, out_dir: Path | None = None) -> Path:
     if out_dir is not None:
         (Path(out_dir) / f"{name}.json").write_text(text)
     return path
+
+
+def launch_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict:
+    """`--config KEY=JSON` arguments as a dict of launch settings; a usage error names the form otherwise."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--config {item!r}: give KEY=JSON, e.g. heads_per_program=2")
+        settings[key] = json.loads(value)
+    return settings

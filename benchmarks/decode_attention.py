@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, environment, rotating_ms, write_results  # noqa: E402
+from common import copy_bandwidth, environment, launch_settings, rotating_ms, write_results  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
@@ -182,11 +182,7 @@ def main() -> None:
     args = p.parse_args()
     global K_RANK, V_PER_HEAD, EIGHT_BIT
     K_RANK, V_PER_HEAD, EIGHT_BIT = SETTINGS[args.kv_bits]
-    for item in args.config:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--config {item!r}: give KEY=JSON, e.g. half_scores=false")
-        CONFIG[key] = json.loads(value)
+    CONFIG.update(launch_settings(p, args.config))
     kernels = import_remote("latent_decode")
     bandwidth = copy_bandwidth()
     rows = [run_row(kernels, *ROWS[i], bandwidth) for i in (args.rows or range(len(ROWS)))]

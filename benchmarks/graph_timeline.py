@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import captured_graphs  # noqa: E402
+from common import captured_graphs, launch_settings  # noqa: E402
 from decode_attention import HEAD_DIM, ROWS, latent_inputs  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
@@ -88,12 +88,7 @@ def main() -> None:
     p.add_argument("--config", action="append", default=[], metavar="KEY=JSON", help="a launch setting to time as "
                    "well (repeat the option for several)")  # fmt: skip
     args = p.parse_args()
-    config = {}
-    for item in args.config:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--config {item!r}: give KEY=JSON, e.g. heads_per_program=2")
-        config[key] = json.loads(value)
+    config = launch_settings(p, args.config)
     g = torch.Generator(device="cuda").manual_seed(0)
     for index in args.rows:
         name, _, _, batch, tokens = ROWS[index]

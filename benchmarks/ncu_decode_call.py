@@ -8,7 +8,6 @@ quote): a row of decode_attention.py (default 7: GQA 8B, batch 16, 32K), bf16 or
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_attention as bench  # noqa: E402
+from common import launch_settings  # noqa: E402
 
 from starkv_convert.remote_code import import_remote  # noqa: E402
 
@@ -27,12 +27,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--config", action="append", default=[], metavar="KEY=JSON", help="a launch setting (repeatable)")
     args = p.parse_args()
-    config = {}
-    for item in args.config:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--config {item!r}: give KEY=JSON, e.g. heads_per_program=2")
-        config[key] = json.loads(value)
+    config = launch_settings(p, args.config)
     kernels = import_remote("latent_decode")
     bench.K_RANK, bench.V_PER_HEAD, bench.EIGHT_BIT = bench.SETTINGS[args.bits]
     name, heads, kv_heads, batch, tokens = bench.ROWS[args.row]
