@@ -42,6 +42,7 @@ from .latent_ops import apply_rope, latent_attention, rebuild_keys
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # the PyTorch path needs no triton
     triton = None
 
@@ -258,6 +259,12 @@ if triton is not None:
         return tl.load((ROWS + at).to(tl.pointer_type(tl.float16)), mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _described_tile(desc, at, column):
+        """A (tokens, columns) tile by TMA from a 3-D (sequence, token, column) descriptor; 0 outside the tensor."""
+        block = desc.load([at[0], at[1], column])
+        return tl.reshape(block, [block.shape[1], block.shape[2]])
+
+    @triton.jit
     def _head_weights(
         W, stride_wd, offset, rank, row_len, dims,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
@@ -309,9 +316,11 @@ if triton is not None:
         ZK, zrow, tok_ok, start, limit, wts, codec,
         R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
         SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
+        TMA: tl.constexpr,
     ):  # fmt: skip
         """
         One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores).
+        TMA: `ZK` holds the descriptors of the R1 and R2 column chunks and `zrow` the sequence and first token.
         JOINED: `wts` holds the halves side by side, (R, 2 HALF), one product a chunk (16-bit latents only).
         QUANT: the latents are dequantized from the head's codes and scales in each token's row (`codec`: the head's
         n8, code byte, scale byte and code bytes): per scale group when SLOTS > 0 (`wts` then holds each group's even
@@ -331,6 +340,8 @@ if triton is not None:
             c = tl.arange(0, R1)
             if QUANT:
                 z = _dequantized(ZK, zrow, tok_ok, c, limit, codec, GROUP, wts[0].dtype)
+            elif TMA:
+                z = _described_tile(ZK[0], zrow, start)
             else:
                 z = tl.load(
                     ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
@@ -344,6 +355,8 @@ if triton is not None:
                 c2 = R1 + tl.arange(0, R2)
                 if QUANT:
                     z2 = _dequantized(ZK, zrow, tok_ok, c2, limit, codec, GROUP, wts[0].dtype)
+                elif TMA:
+                    z2 = _described_tile(ZK[1], zrow, start + R1)
                 else:
                     z2 = tl.load(ZK + zrow[:, None] + (start + c2)[None, :],
                                  mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0)  # fmt: skip
@@ -361,12 +374,12 @@ if triton is not None:
         ZK, zrow, tok_ok, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
     ):  # fmt: skip
         """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
         k_lo, k_hi = _head_keys(
             ZK, zrow, tok_ok, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
-            JOINED,
+            JOINED, TMA,
         )  # fmt: skip
         if HAS_BIAS:
             k_lo += bias_lo[None, :]
@@ -443,7 +456,7 @@ if triton is not None:
         stride_sh, stride_st,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
-        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
+        HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
@@ -454,6 +467,7 @@ if triton is not None:
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
             HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
+            TMA,
         )  # fmt: skip
         if JOINED:  # one product over the whole head dimension
             rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
@@ -474,7 +488,7 @@ if triton is not None:
 
     @triton.jit
     def _scores_kernel(
-        Q, ZK, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
+        Q, ZK, ZK2, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
         T, TP, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
         stride_cb, stride_ct,
@@ -484,13 +498,15 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
         the RoPE of a tile (tables read or angles evaluated) is shared by the HPP heads. Quantized latents (QUANT):
         CODEC holds each head's n8, first code byte, first scale byte and code bytes (padded); ALIGN divides the row
         strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
+        TMA (16-bit aligned latents with RoPE tables): ZK / ZK2 are descriptors of the latents' R1 / R2 column chunks
+        and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -526,6 +542,7 @@ if triton is not None:
         norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
         norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
+        zk = (ZK, ZK2) if TMA else ZK
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
@@ -534,7 +551,11 @@ if triton is not None:
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-            if ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
+            if TMA:
+                at = (tl.program_id(2), tile * BT)
+                cos = _described_tile(COS, at, 0).to(tl.float32)
+                sin = _described_tile(SIN, at, 0).to(tl.float32)
+            elif ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 # (0 past the context, which the masked copies write anyway: no selects; those keys are masked out)
                 cos = tl.load(COS + table, mask=in_range[:, None], other=0.0).to(tl.float32)
@@ -556,31 +577,34 @@ if triton is not None:
                         cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
                 cos = cos * rope_scale
                 sin = sin * rope_scale
-            zrow = b * stride_zb + t * stride_zt
+            if TMA:
+                zrow = at
+            else:
+                zrow = b * stride_zb + t * stride_zt
             if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
             _head_tile_scores(
-                ZK, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
+                zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                 scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, JOINED,
+                HAS8, HAS4, ALIGN, JOINED, TMA,
             )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
+                    zk, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED,
+                    HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
             if HPP > 2:
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
+                    zk, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED,
+                    HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
                 _head_tile_scores(
-                    ZK, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
+                    zk, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED,
+                    HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
 
     @triton.jit
@@ -722,6 +746,7 @@ DEFAULT_CONFIG = {
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
     # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
+    "tma_loads": False,  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper, or the interpreter)
 }
 
 
@@ -869,6 +894,26 @@ def _codec_flags(codec, rows: torch.Tensor) -> dict:
     return {"HAS8": any(a > 0 for a in codec.n8), "HAS4": has4, "ALIGN": align}
 
 
+_MAJOR_CAPABILITY: dict[str, int] = {}
+
+
+def _tma_capable(device: torch.device, *tensors: torch.Tensor) -> bool:
+    """
+    Whether the scores pass can read these 16-bit (sequence, token, column) tensors by TMA: a Hopper-or-later GPU
+    (or the interpreter), contiguous columns, and 16-byte aligned strides and start (storage taken 16-byte aligned).
+    """
+    if device.type == "cuda":
+        key = str(device)
+        if key not in _MAJOR_CAPABILITY:
+            _MAJOR_CAPABILITY[key] = torch.cuda.get_device_capability(device)[0]
+        if _MAJOR_CAPABILITY[key] < 9:
+            return False
+    return all(
+        x.element_size() == 2 and x.stride(-1) == 1 and not any(v % 8 for v in (*x.stride()[:-1], x.storage_offset()))
+        for x in tensors
+    )
+
+
 def latent_decode_attention(
     query: torch.Tensor,
     key_latents: torch.Tensor,
@@ -968,20 +1013,26 @@ def latent_decode_attention(
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
     if not use_table:
         cos_t = sin_t = scores
+    zk = zk2 = key_latents
+    tma = bool(cfg["tma_loads"]) and aligned and use_table and _tma_capable(device, key_latents, cos_t, sin_t)
+    if tma:  # (from_tensor: the form torch.compile traces)
+        describe = TensorDescriptor.from_tensor
+        zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
+        cos_t, sin_t = (describe(x[:, :tokens], [1, block_tokens, head_dim // 2]) for x in (cos_t, sin_t))
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
-        query, key_latents, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
+        query, zk, zk2, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
         tokens, padded, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
-        cos_t.stride(0), cos_t.stride(1),
+        *(cos_t.strides[:2] if tma else cos_t.stride()[:2]),
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant,
+        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -379,6 +379,54 @@ def test_rope_halves(poisoned, scores_launches, dtype, tables, k_ranks, head_dim
     assert [launch["JOINED"] for launch in scores_launches] == [joined]
 
 
+HALF_DTYPES = [d for d in DTYPES if d != torch.float32]
+
+
+def nan_beyond(x, extra_tokens, extra_columns):
+    """`x` (batch, tokens, columns) as a view into a larger buffer whose other elements are NaN."""
+    batch, tokens, columns = x.shape
+    wider = torch.full((batch, tokens + extra_tokens, columns + extra_columns), float("nan"), dtype=x.dtype)
+    wider = wider.to(x.device)
+    wider[:, :tokens, :columns] = x
+    return wider[:, :tokens, :columns]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize(
+    "batch, tokens, groups, head_dim, k_ranks, rank_pad, norm",
+    [
+        (2, 77, 2, 64, [13, 43], 16, False),  # rank chunks 32 + 16 (56-column rows), G = 2
+        (3, 130, 1, 128, [38, 17, 5, 36], 16, True),  # MHA, head_dim 128, k-norm, three tiles
+        (1, 9, 4, 64, [30, 10], 0, False),  # one 64-column chunk past the row's end, fewer tokens than a tile
+    ],
+)
+def test_tma_loads(poisoned, scores_launches, dtype, batch, tokens, groups, head_dim, k_ranks, rank_pad, norm):
+    """The scores pass reading latents and RoPE tables by TMA descriptors equals the reference, with the latents and
+    tables views of larger NaN-filled buffers (rows 8 columns longer, 40 more tokens): NaN in the output would show
+    a read outside the descriptors' bounds."""
+    case = make_case(batch, tokens, len(k_ranks), groups, head_dim, k_ranks, 45, pad=3, bias=True, norm=norm, seed=5)
+    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
+    inputs = cast(case, dtype)
+    inputs["key_latents"] = nan_beyond(inputs["key_latents"], 40, 8)
+    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, dtype)
+    tables = tuple(nan_beyond(t, 40, 0) for t in tables)
+    config = {"tma_loads": True, "rank_pad": rank_pad}
+    got = kernels.latent_decode_attention(**inputs, tables=tables, config=config).cpu().double()
+    assert [launch["TMA"] for launch in scores_launches] == [True]
+    assert not torch.isnan(got).any()
+    assert (got - expected).norm() / expected.norm() < TOLERANCE[dtype]
+    plain = kernels.latent_decode_attention(**inputs, tables=tables).cpu().double()
+    assert (got - plain).abs().max() <= 1e-3 * plain.abs().max()
+
+
+def test_tma_loads_only_where_aligned(scores_launches):
+    """Rows whose length is not a multiple of 8 columns (16 bytes), or fp32 inputs, keep the pointer loads."""
+    for ranks, dtype in (([13, 38], torch.float16), ([13, 43], torch.float32)):
+        inputs = cast(make_case(1, 20, 2, 2, 64, ranks, 16), dtype)
+        kernels.latent_decode_attention(**inputs, config={"tma_loads": True, "rope_table": True})
+    assert [launch["TMA"] for launch in scores_launches] == [False, False]
+
+
 @pytest.mark.parametrize(
     "tiles, programs, splits",
     [(1024, 8, 49), (256, 32, 12), (1024, 32, 24), (256, 64, 12), (256, 8, 32), (512, 128, 9), (512, 512, 3)],
