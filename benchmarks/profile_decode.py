@@ -88,10 +88,12 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores split halves": {"joined_halves": False},  # (each RoPE half rebuilt and scored by its own products)
     "scores one rank chunk": {"rank_pad": 0},  # (78 KB shared: 2 programs/SM)
     "scores without whole waves": {"scores_resident": 0},  # (the split count as chosen before session 14)
-    "TMA loads": {"tma_loads": True},  # (latents and RoPE tables by TMA descriptors, 124-128 registers)
-    "TMA loads, 2 stages": {"tma_loads": True, "scores_stages_tables": 2},  # (48 KB shared: 4 programs/SM)
-    "TMA loads, 4 stages": {"tma_loads": True, "scores_stages_tables": 4},
-    "TMA loads, 2 KV heads a program": {"tma_loads": True, "heads_per_program": 2},
+    "scores TMA": {"scores_tma": True},  # (latents and RoPE tables by TMA descriptors, 124-128 registers)
+    "scores TMA, 2 stages": {"scores_tma": True, "scores_stages_tables": 2},  # (48 KB shared: 4 programs/SM)
+    "scores TMA, 4 stages": {"scores_tma": True, "scores_stages_tables": 4},
+    "scores TMA, 2 KV heads a program": {"scores_tma": True, "heads_per_program": 2},
+    "values TMA": {"values_tma": True},  # (scores and value latents by TMA descriptors)
+    "scores and values TMA": {"scores_tma": True, "values_tma": True},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

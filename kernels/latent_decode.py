@@ -629,14 +629,36 @@ if triton is not None:
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     @triton.jit
+    def _value_tile(
+        ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, DTYPE: tl.constexpr,
+        RVB: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr,
+        HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """A tile's value latents, columns `rv` (BT, RVB), by pointers: 16-bit, or dequantized from the codec's rows."""
+        if GROUPS > 0:
+            even, odd = _group_latents(
+                ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales,
+                tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, DTYPE, HAS8, HAS4, ALIGN,
+            )  # fmt: skip
+            z = tl.reshape(tl.join(even, odd), [row.shape[0], RVB])  # channel order: group, pair, even/odd
+        elif QUANT:
+            z = _dequantized(ZV, row, in_range, rv, v_rank, (v_n8, 0, v_scales, v_size), GROUP, DTYPE)
+        else:
+            z = tl.load(ZV + row[:, None] + rv[None, :], mask=in_range[:, None] & rv_ok[None, :], other=0.0)
+        return z
+
+    @triton.jit
     def _values_kernel(
         S, ZV, ACC, MAX, SUM, LIKE,
         T, TP, tiles_per_split, num_heads, v_rank, v_n8, v_scales, v_size,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        TMA: tl.constexpr,
     ):  # fmt: skip
         """
+        TMA (16-bit latents): S and ZV are descriptors of the (sequence, head, token) scores and the (sequence, token,
+        column) latents, with blocks of one sequence's HP heads x BT tokens and BT tokens x RVB columns.
         QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits; codes from byte 0,
         v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
         group, the program's RVB = GROUPS * GROUP columns being its groups'. ALIGN divides the row strides, v_n8 and
@@ -660,20 +682,16 @@ if triton is not None:
         acc = tl.zeros([HP, RVB], tl.float32)
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
-            t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
-            row = b * stride_zb + t * stride_zt
-            if GROUPS > 0:
-                even, odd = _group_latents(
-                    ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales,
-                    tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, LIKE.dtype.element_ty, HAS8, HAS4, ALIGN,
-                )  # fmt: skip
-                z = tl.reshape(tl.join(even, odd), [BT, RVB])  # channel order: group, pair, even/odd
-            elif QUANT:
-                z = _dequantized(
-                    ZV, row, in_range, rv, v_rank, (v_n8, 0, v_scales, v_size), GROUP, LIKE.dtype.element_ty
-                )
+            if TMA:  # (heads past num_heads read 0, not -inf: their rows are never stored)
+                at = (tl.program_id(2), tile * BT)
+                s = _described_tile(S, (at[0], 0), at[1]).to(tl.float32)
+                z = _described_tile(ZV, at, block * RVB)
             else:
-                z = tl.load(ZV + row[:, None] + rv[None, :], mask=in_range[:, None] & rv_ok[None, :], other=0.0)
+                t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
+                z = _value_tile(
+                    ZV, b * stride_zb + t * stride_zt, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size,
+                    LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN,
+                )  # fmt: skip
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None], input_precision=PRECISION)
         tl.store(
@@ -746,7 +764,8 @@ DEFAULT_CONFIG = {
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
     # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
-    "tma_loads": False,  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper, or the interpreter)
+    "scores_tma": False,  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper, or the interpreter)
+    "values_tma": False,  # values pass: scores and 16-bit value latents by TMA
 }
 
 
@@ -899,8 +918,8 @@ _MAJOR_CAPABILITY: dict[str, int] = {}
 
 def _tma_capable(device: torch.device, *tensors: torch.Tensor) -> bool:
     """
-    Whether the scores pass can read these 16-bit (sequence, token, column) tensors by TMA: a Hopper-or-later GPU
-    (or the interpreter), contiguous columns, and 16-byte aligned strides and start (storage taken 16-byte aligned).
+    Whether a pass can read these 3-D tensors by TMA: a Hopper-or-later GPU (or the interpreter), a contiguous last
+    dimension, and 16-byte aligned strides and start (the storage taken to start 16-byte aligned).
     """
     if device.type == "cuda":
         key = str(device)
@@ -909,7 +928,7 @@ def _tma_capable(device: torch.device, *tensors: torch.Tensor) -> bool:
         if _MAJOR_CAPABILITY[key] < 9:
             return False
     return all(
-        x.element_size() == 2 and x.stride(-1) == 1 and not any(v % 8 for v in (*x.stride()[:-1], x.storage_offset()))
+        x.stride(-1) == 1 and not any(v * x.element_size() % 16 for v in (*x.stride()[:-1], x.storage_offset()))
         for x in tensors
     )
 
@@ -1014,7 +1033,7 @@ def latent_decode_attention(
     if not use_table:
         cos_t = sin_t = scores
     zk = zk2 = key_latents
-    tma = bool(cfg["tma_loads"]) and aligned and use_table and _tma_capable(device, key_latents, cos_t, sin_t)
+    tma = bool(cfg["scores_tma"]) and aligned and use_table and _tma_capable(device, key_latents, cos_t, sin_t)
     if tma:  # (from_tensor: the form torch.compile traces)
         describe = TensorDescriptor.from_tensor
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
@@ -1054,14 +1073,20 @@ def latent_decode_attention(
     partial = _alloc(batch, v_splits, num_heads, v_rank, device=device)
     maxes = _alloc(batch, v_splits, num_heads, device=device)
     sums = _alloc(batch, v_splits, num_heads, device=device)
+    s_arg, zv = scores, value_latents
+    values_tma = bool(cfg["values_tma"]) and not quant and not cfg["token_major_scores"]
+    values_tma = values_tma and _tma_capable(device, value_latents, scores)
+    if values_tma:
+        s_arg = TensorDescriptor.from_tensor(scores, [1, heads_p2, block_tokens])
+        zv = TensorDescriptor.from_tensor(value_latents, [1, block_tokens, value_block])
     _values_kernel[(value_programs, v_splits, batch)](
-        scores, value_latents, partial, maxes, sums, query,
+        s_arg, zv, partial, maxes, sums, query,
         tokens, padded, v_per_split, num_heads, v_rank, *((v_codec.n8[0], v_codec.scale_offsets[0],
         _padded_code_bytes(v_codec)[0]) if quant else (0, 0, 0)),
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
-        GROUPS=groups_per_program, **v_flags,
+        GROUPS=groups_per_program, **v_flags, TMA=values_tma,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)

@@ -346,11 +346,10 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     assert (got.double() - expected).norm() / expected.norm() < TOLERANCE[dtype]
 
 
-@pytest.fixture
-def scores_launches(monkeypatch):
-    """The compile-time settings of every scores-pass launch (the kernel still runs)."""
+def record_launches(monkeypatch, name):
+    """The compile-time settings of every launch of kernel `name` (the kernel still runs)."""
     launches = []
-    kernel = kernels._scores_kernel
+    kernel = getattr(kernels, name)
 
     class Recorder:
         def __getitem__(self, grid):
@@ -360,8 +359,18 @@ def scores_launches(monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(kernels, "_scores_kernel", Recorder())
+    monkeypatch.setattr(kernels, name, Recorder())
     return launches
+
+
+@pytest.fixture
+def scores_launches(monkeypatch):
+    return record_launches(monkeypatch, "_scores_kernel")
+
+
+@pytest.fixture
+def values_launches(monkeypatch):
+    return record_launches(monkeypatch, "_values_kernel")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -393,38 +402,43 @@ def nan_beyond(x, extra_tokens, extra_columns):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize(
-    "batch, tokens, groups, head_dim, k_ranks, rank_pad, norm",
+    "batch, tokens, groups, head_dim, k_ranks, v_rank, rank_pad, norm",
     [
-        (2, 77, 2, 64, [13, 43], 16, False),  # rank chunks 32 + 16 (56-column rows), G = 2
-        (3, 130, 1, 128, [38, 17, 5, 36], 16, True),  # MHA, head_dim 128, k-norm, three tiles
-        (1, 9, 4, 64, [30, 10], 0, False),  # one 64-column chunk past the row's end, fewer tokens than a tile
+        (2, 77, 2, 64, [13, 43], 40, 16, False),  # rank chunks 32 + 16 (56-column rows), G = 2, 32-column value blocks
+        (3, 130, 1, 128, [38, 17, 5, 36], 136, 16, True),  # MHA, head_dim 128, k-norm, three tiles, fp32 scores
+        (1, 9, 4, 64, [30, 10], 8, 0, False),  # one 64-column chunk past the row's end, fewer tokens than a tile
     ],
 )
-def test_tma_loads(poisoned, scores_launches, dtype, batch, tokens, groups, head_dim, k_ranks, rank_pad, norm):
-    """The scores pass reading latents and RoPE tables by TMA descriptors equals the reference, with the latents and
-    tables views of larger NaN-filled buffers (rows 8 columns longer, 40 more tokens): NaN in the output would show
-    a read outside the descriptors' bounds."""
-    case = make_case(batch, tokens, len(k_ranks), groups, head_dim, k_ranks, 45, pad=3, bias=True, norm=norm, seed=5)
+def test_tma_loads(
+    poisoned, scores_launches, values_launches, dtype, batch, tokens, groups, head_dim, k_ranks, v_rank, rank_pad, norm
+):
+    """Both passes reading by TMA descriptors (latents, RoPE tables, scores) equal the reference, with the latents
+    and tables views of larger NaN-filled buffers (rows 8 columns longer, 40 more tokens): NaN in the output would
+    show a read outside the descriptors' bounds."""
+    case = make_case(batch, tokens, len(k_ranks), groups, head_dim, k_ranks, v_rank, pad=3, bias=True, norm=norm)
     expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
     inputs = cast(case, dtype)
     inputs["key_latents"] = nan_beyond(inputs["key_latents"], 40, 8)
+    inputs["value_latents"] = nan_beyond(inputs["value_latents"], 40, 8)
     tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, dtype)
     tables = tuple(nan_beyond(t, 40, 0) for t in tables)
-    config = {"tma_loads": True, "rank_pad": rank_pad}
+    config = {"scores_tma": True, "values_tma": True, "rank_pad": rank_pad}
     got = kernels.latent_decode_attention(**inputs, tables=tables, config=config).cpu().double()
-    assert [launch["TMA"] for launch in scores_launches] == [True]
+    assert [launch["TMA"] for launch in scores_launches + values_launches] == [True, True]
     assert not torch.isnan(got).any()
     assert (got - expected).norm() / expected.norm() < TOLERANCE[dtype]
     plain = kernels.latent_decode_attention(**inputs, tables=tables).cpu().double()
     assert (got - plain).abs().max() <= 1e-3 * plain.abs().max()
 
 
-def test_tma_loads_only_where_aligned(scores_launches):
-    """Rows whose length is not a multiple of 8 columns (16 bytes), or fp32 inputs, keep the pointer loads."""
-    for ranks, dtype in (([13, 38], torch.float16), ([13, 43], torch.float32)):
-        inputs = cast(make_case(1, 20, 2, 2, 64, ranks, 16), dtype)
-        kernels.latent_decode_attention(**inputs, config={"tma_loads": True, "rope_table": True})
+def test_tma_loads_only_where_aligned(scores_launches, values_launches):
+    """Rows not 16-byte aligned, or fp32 inputs (scores pass: no RoPE tables), keep the pointer loads."""
+    config = {"scores_tma": True, "values_tma": True, "rope_table": True}
+    for ranks, v_rank, dtype in (([13, 38], 20, torch.float16), ([13, 43], 16, torch.float32)):
+        inputs = cast(make_case(1, 20, 2, 2, 64, ranks, v_rank), dtype)
+        kernels.latent_decode_attention(**inputs, config=config)
     assert [launch["TMA"] for launch in scores_launches] == [False, False]
+    assert [launch["TMA"] for launch in values_launches] == [False, True]
 
 
 @pytest.mark.parametrize(
