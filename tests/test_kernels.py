@@ -441,6 +441,18 @@ def test_tma_loads_only_where_aligned(scores_launches, values_launches):
     assert [launch["TMA"] for launch in values_launches] == [False, True]
 
 
+def test_tma_is_the_default_except_under_torch_compile(monkeypatch, scores_launches):
+    """Aligned 16-bit latents with tables take TMA by default; under torch.compile (not yet checked on a GPU) they
+    keep the pointer loads, and give the same result."""
+    inputs = cast(make_case(2, 70, 2, 2, 64, [13, 43], 16, seed=3), torch.float16)
+    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.float16)
+    with_tma = kernels.latent_decode_attention(**inputs, tables=tables)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    without = kernels.latent_decode_attention(**inputs, tables=tables)
+    assert [launch["TMA"] for launch in scores_launches] == [True, False]
+    assert torch.equal(with_tma, without)
+
+
 @pytest.mark.parametrize(
     "tiles, programs, splits",
     [(1024, 8, 49), (256, 32, 12), (1024, 32, 24), (256, 64, 12), (256, 8, 32), (512, 128, 9), (512, 512, 3)],
