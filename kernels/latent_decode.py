@@ -820,16 +820,20 @@ def _key_slots(codec, grouped: bool) -> int:
     return slots if slots <= 3 else 0
 
 
-_MULTIPROCESSORS: dict[str, int] = {}
+_DEVICES: dict[str, tuple[int, int]] = {}
+
+
+def _device_info(device: torch.device) -> tuple[int, int]:
+    """The device's multiprocessor count and major compute capability ((4, 0) off CUDA), looked up once per device."""
+    key = str(device)
+    if key not in _DEVICES:
+        props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        _DEVICES[key] = (props.multi_processor_count, props.major) if props is not None else (4, 0)
+    return _DEVICES[key]
 
 
 def _multiprocessors(device: torch.device) -> int:
-    """The device's multiprocessor count (4 off CUDA), looked up once per device."""
-    key = str(device)
-    if key not in _MULTIPROCESSORS:
-        cuda = device.type == "cuda"
-        _MULTIPROCESSORS[key] = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
-    return _MULTIPROCESSORS[key]
+    return _device_info(device)[0]
 
 
 def _splits(
@@ -920,9 +924,6 @@ def _codec_flags(codec, rows: torch.Tensor) -> dict:
     return {"HAS8": any(a > 0 for a in codec.n8), "HAS4": has4, "ALIGN": align}
 
 
-_MAJOR_CAPABILITY: dict[str, int] = {}
-
-
 def _tma_capable(device: torch.device, *tensors: torch.Tensor) -> bool:
     """
     Whether a pass can read these 3-D tensors by TMA: a Hopper-or-later GPU (or the interpreter), a contiguous last
@@ -930,12 +931,8 @@ def _tma_capable(device: torch.device, *tensors: torch.Tensor) -> bool:
     """
     if TensorDescriptor is None or torch.compiler.is_compiling():  # (compiled: not checked on the GPU yet)
         return False
-    if device.type == "cuda":
-        key = str(device)
-        if key not in _MAJOR_CAPABILITY:
-            _MAJOR_CAPABILITY[key] = torch.cuda.get_device_capability(device)[0]
-        if _MAJOR_CAPABILITY[key] < 9:
-            return False
+    if device.type == "cuda" and _device_info(device)[1] < 9:
+        return False
     return all(
         x.stride(-1) == 1 and not any(v * x.element_size() % 16 for v in (*x.stride()[:-1], x.storage_offset()))
         for x in tensors

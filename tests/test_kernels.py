@@ -460,7 +460,7 @@ def test_tma_is_the_default_except_under_torch_compile(monkeypatch, scores_launc
 def test_splits_fill_whole_waves(monkeypatch, tiles, programs, splits):
     """With 3 programs resident per multiprocessor, the scores pass takes the split count between half the plain
     choice and the plain choice whose programs fill their last wave best (on 132 multiprocessors)."""
-    monkeypatch.setitem(kernels._MULTIPROCESSORS, "cuda", 132)
+    monkeypatch.setitem(kernels._DEVICES, "cuda", (132, 9))
     cuda = torch.device("cuda")
     plain, _ = kernels._splits(tiles, programs, cuda, 8, 2, 16)
     got, per_split = kernels._splits(tiles, programs, cuda, 8, 2, 16, resident=3)
