@@ -68,13 +68,13 @@ def guards(monkeypatch) -> Guards:
     guards = Guards()
     load, store = builder.create_masked_load, builder.create_masked_store
 
-    def traced_load(self, ptrs, mask, *args):
+    def traced_load(self, ptrs, mask, *args, **kwargs):  # (also what TMA descriptor loads become)
         guards.record(ptrs.data, mask.data)
-        return load(self, ptrs, mask, *args)
+        return load(self, ptrs, mask, *args, **kwargs)
 
-    def traced_store(self, ptrs, value, mask, *args):
+    def traced_store(self, ptrs, value, mask, *args, **kwargs):
         guards.record(ptrs.data, mask.data)
-        return store(self, ptrs, value, mask, *args)
+        return store(self, ptrs, value, mask, *args, **kwargs)
 
     monkeypatch.setattr(builder, "create_masked_load", traced_load)
     monkeypatch.setattr(builder, "create_masked_store", traced_store)
