@@ -13,7 +13,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    at or before the head's offset (the up-projection rows outside the head are zero); its weights stay on the chip.
    For 16-bit latents a chunk's two RoPE halves are rebuilt side by side by one product, and the G queries are
    scored by one product over the head dimension (`joined_halves`); where their rows are 16-byte aligned, latents and
-   tables arrive by TMA descriptors (`scores_tma`: ~30 fewer registers, the same results; not under torch.compile).
+   tables arrive by TMA descriptors (`scores_tma`: ~30 fewer registers, the same results; where the descriptors' host
+   time is hidden, and not under torch.compile).
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
@@ -768,9 +769,10 @@ DEFAULT_CONFIG = {
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
     # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
-    "scores_tma": True,  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
-    # eager and CUDA graphs, not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit;
-    # H100 scores pass MHA B16 0.939 -> 0.919 ms, GQA B16 0.265 -> 0.256, batch 1 the same
+    "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
+    # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
+    # B16 0.939 -> 0.919 ms, GQA B16 0.265 -> 0.256, batch 1 the same. auto: where the ~0.1 ms of host time a call
+    # spends making descriptors is hidden (`_tma_pays`): CUDA-graph capture, or key latents of TMA_AUTO_BYTES or more
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -939,6 +941,20 @@ def _tma_capable(device: torch.device, *tensors: torch.Tensor) -> bool:
     )
 
 
+TMA_AUTO_BYTES = 1 << 28  # eager calls on the H100: GQA B8 16K (80 MB of key latents) 0.267 -> 0.399 ms with TMA,
+# host-bound; MHA B8 16K and GQA B16 32K (0.32 GB) 0.486 -> 0.481 and 0.511 -> 0.500, MHA B16 32K 1.816 -> 1.748
+
+
+def _tma_pays(device: torch.device, nbytes: int) -> bool:
+    """
+    Whether TMA's host cost (descriptors made and encoded at every launch) is hidden: off CUDA (the interpreter), while
+    a CUDA graph is being captured (replays reuse the descriptors), or behind the GPU work of `nbytes` of key latents.
+    """
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return True
+    return nbytes >= TMA_AUTO_BYTES
+
+
 def latent_decode_attention(
     query: torch.Tensor,
     key_latents: torch.Tensor,
@@ -1040,6 +1056,7 @@ def latent_decode_attention(
         cos_t = sin_t = scores
     zk = zk2 = key_latents
     tma = bool(cfg["scores_tma"]) and aligned and use_table and _tma_capable(device, key_latents, cos_t, sin_t)
+    tma = tma and (cfg["scores_tma"] != "auto" or _tma_pays(device, key_latents.numel() * key_latents.element_size()))
     if tma:  # (from_tensor: the form torch.compile traces)
         describe = TensorDescriptor.from_tensor
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))

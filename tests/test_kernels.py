@@ -427,7 +427,9 @@ def test_tma_loads(
     assert [launch["TMA"] for launch in scores_launches + values_launches] == [True, True]
     assert not torch.isnan(got).any()
     assert (got - expected).norm() / expected.norm() < TOLERANCE[dtype]
-    plain = kernels.latent_decode_attention(**inputs, tables=tables).cpu().double()
+    pointers = {"scores_tma": False, "values_tma": False, "rank_pad": rank_pad}
+    plain = kernels.latent_decode_attention(**inputs, tables=tables, config=pointers).cpu().double()
+    assert [launch["TMA"] for launch in (scores_launches[1], values_launches[1])] == [False, False]
     assert (got - plain).abs().max() <= 1e-3 * plain.abs().max()
 
 
@@ -439,6 +441,17 @@ def test_tma_loads_only_where_aligned(scores_launches, values_launches):
         kernels.latent_decode_attention(**inputs, config=config)
     assert [launch["TMA"] for launch in scores_launches] == [False, False]
     assert [launch["TMA"] for launch in values_launches] == [False, True]
+
+
+def test_tma_by_default_only_where_its_host_time_is_hidden(monkeypatch):
+    """On CUDA, `scores_tma` "auto" takes TMA while a CUDA graph is captured or for key latents of 256 MB or more
+    (eager calls below that were host-bound and slower with it on the H100); the interpreter always takes it."""
+    cuda = torch.device("cuda")
+    small, large = kernels.TMA_AUTO_BYTES - 2, kernels.TMA_AUTO_BYTES
+    for capturing in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
+        assert [kernels._tma_pays(cuda, x) for x in (small, large)] == [capturing, True]
+    assert kernels._tma_pays(torch.device("cpu"), small)
 
 
 def test_tma_is_the_default_except_under_torch_compile(monkeypatch, scores_launches):
