@@ -93,6 +93,15 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores TMA, 4 stages": {"scores_tma": True, "scores_stages_tables": 4},
     "scores TMA, 2 KV heads a program": {"scores_tma": True, "heads_per_program": 2},
     "values TMA": {"values_tma": True},  # (scores and value latents by TMA descriptors)
+    # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default)
+    "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)
+    "scores unfolded, TMA": {"folded_scores": False, "scores_tma": True},
+    "scores folded, TMA": {"scores_tma": True},
+    "scores folded, pointer loads": {"scores_tma": False},
+    "scores folded, 2 stages": {"scores_stages_tables": 2},  # (48 KB shared: 4 programs/SM)
+    "scores folded, TMA, 2 stages": {"scores_tma": True, "scores_stages_tables": 2},
+    "scores folded, 4 stages": {"scores_stages_tables": 4},
+    "scores folded, 2 stages, 4 resident": {"scores_stages_tables": 2, "scores_resident": 4},
     "scores and values TMA": {"scores_tma": True, "values_tma": True},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}

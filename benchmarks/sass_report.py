@@ -67,8 +67,11 @@ class TargetOnlyDriver(DriverBase):
         return 0
 
 
-def compile_call(kernels, row, config: dict) -> dict:
-    """Compiles (never launches) every kernel a decode call of `row` would launch; {kernel name: compiled}."""
+def compile_call(kernels, row, config: dict, kv_bits: int = 16) -> dict:
+    """
+    Compiles (never launches) every kernel a decode call of `row` would launch; {kernel name: compiled}. kv_bits 16:
+    bf16 latents, K 38 / V 64 a head; 4: the 4-bit codecs' rows, K 32 / V 32 a head (decode_attention.py's settings).
+    """
     compiled = {}
 
     def getitem(fn, grid):
@@ -78,7 +81,7 @@ def compile_call(kernels, row, config: dict) -> dict:
         return launch
 
     _, heads, kv_heads, batch, tokens = row
-    d, k_rank, v_rank = 128, 38, 64
+    d, k_rank, v_rank = (128, 38, 64) if kv_bits == 16 else (128, 32, 32)
     bf16 = dict(dtype=torch.bfloat16)
     inputs = dict(
         key_latents=torch.zeros(batch, tokens, kv_heads * k_rank, **bf16),
@@ -95,6 +98,12 @@ def compile_call(kernels, row, config: dict) -> dict:
         v_bias=None,
         scaling=d**-0.5,
     )
+    if kv_bits == 4:
+        quant = import_remote("latent_quant")
+        codecs = (quant.LatentCodec([k_rank] * kv_heads, [0] * kv_heads, 32),
+                  quant.LatentCodec([kv_heads * v_rank], [0], 32))  # fmt: skip
+        rows = [c.encode(inputs[n]) for c, n in zip(codecs, ("key_latents", "value_latents"))]
+        inputs.update(key_latents=rows[0], value_latents=rows[1], codecs=codecs)
     tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.bfloat16)
     query = torch.zeros(batch, heads, d, **bf16)
     original = JITFunction.__getitem__
@@ -166,6 +175,7 @@ def main() -> None:
     p.add_argument("--config", default="{}", help="launch settings as JSON (DEFAULT_CONFIG keys)")
     p.add_argument("--kernels", nargs="*", default=["_scores_kernel", "_values_kernel"])
     p.add_argument("--sass", help="write the last kernel's SASS here")
+    p.add_argument("--kv-bits", type=int, choices=[16, 4], default=16, help="bf16 latents, or 4-bit codes")
     args = p.parse_args()
     driver.set_active(TargetOnlyDriver())
     kernels = import_remote("latent_decode")
@@ -175,7 +185,7 @@ def main() -> None:
     for index in args.rows:
         row = ROWS[index]
         print(f"{row[0]} B={row[3]}:")
-        compiled = compile_call(kernels, row, config)
+        compiled = compile_call(kernels, row, config, args.kv_bits)
         for name in args.kernels:
             if name in compiled:
                 report(name, compiled[name], args.sass)

@@ -230,12 +230,21 @@ if triton is not None:
         channels (BT, HG) each, dequantized from whole code bytes and one scale per token. Channels past the group's
         end come out as arbitrary finite values (whatever multiplies them must be zero there).
         """
+        even, odd, scale = _slot_codes(ROWS, row, tok_ok, s, rank, codec, HG, HAS8, HAS4, ALIGN)
+        return (even * scale).to(DTYPE), (odd * scale).to(DTYPE)
+
+    @triton.jit
+    def _slot_codes(
+        ROWS, row, tok_ok, s, rank, codec,
+        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """`_slot_latents` before the scale: even and odd codes (BT, HG) as fp32, and each token's scale (BT, 1)."""
         n8, boff, soff, size = codec
         at = tl.multiple_of(row + boff, ALIGN)[:, None]
         even, odd = _group_codes(ROWS, at, tok_ok[:, None], s, rank, n8, size, HG, HAS8, HAS4, ALIGN)
         _, base, end = _slot(s, rank, n8, HG)
         scale = _fp16_at(ROWS, row + soff + 2 * s, tok_ok & (row * 0 + base < end))[:, None]
-        return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
+        return even.to(tl.float32), odd.to(tl.float32), scale
 
     @triton.jit
     def _group_latents(
@@ -268,6 +277,23 @@ if triton is not None:
         """A (tokens, columns) tile by TMA from a 3-D (sequence, token, column) descriptor; 0 outside the tensor."""
         block = desc.load([at[0], at[1], column])
         return tl.reshape(block, [block.shape[1], block.shape[2]])
+
+    @triton.jit
+    def _latent_chunk(ZK, zrow, tok_ok, start, limit, C0: tl.constexpr, R: tl.constexpr, TMA: tl.constexpr):
+        """
+        Columns start + C0 .. + R of a tile's 16-bit key latents, (BT, R), 0 past `limit` columns or the context: by
+        TMA (`ZK`: the descriptors of the R1 and R2 chunks, `zrow`: sequence and first token) or by pointers.
+        """
+        if TMA:
+            if C0 == 0:
+                z = _described_tile(ZK[0], zrow, start)
+            else:
+                z = _described_tile(ZK[1], zrow, start + C0)
+        else:
+            c = C0 + tl.arange(0, R)
+            ok = tok_ok[:, None] & (c[None, :] < limit)
+            z = tl.load(ZK + zrow[:, None] + (start + c)[None, :], mask=ok, other=0.0)
+        return z
 
     @triton.jit
     def _head_weights(
@@ -345,12 +371,8 @@ if triton is not None:
             c = tl.arange(0, R1)
             if QUANT:
                 z = _dequantized(ZK, zrow, tok_ok, c, limit, codec, GROUP, wts[0].dtype)
-            elif TMA:
-                z = _described_tile(ZK[0], zrow, start)
             else:
-                z = tl.load(
-                    ZK + zrow[:, None] + (start + c)[None, :], mask=tok_ok[:, None] & (c[None, :] < limit), other=0.0
-                )
+                z = _latent_chunk(ZK, zrow, tok_ok, start, limit, 0, R1, TMA)
             if JOINED:
                 k = tl.dot(z, wts[0], input_precision=PRECISION)
             else:
@@ -360,11 +382,8 @@ if triton is not None:
                 c2 = R1 + tl.arange(0, R2)
                 if QUANT:
                     z2 = _dequantized(ZK, zrow, tok_ok, c2, limit, codec, GROUP, wts[0].dtype)
-                elif TMA:
-                    z2 = _described_tile(ZK[1], zrow, start + R1)
                 else:
-                    z2 = tl.load(ZK + zrow[:, None] + (start + c2)[None, :],
-                                 mask=tok_ok[:, None] & (c2[None, :] < limit), other=0.0)  # fmt: skip
+                    z2 = _latent_chunk(ZK, zrow, tok_ok, start, limit, R1, R2, TMA)
                 if JOINED:
                     k = tl.dot(z2, wts[2], k, input_precision=PRECISION)
                 else:
@@ -456,6 +475,140 @@ if triton is not None:
         return start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, (n8, boff, soff, size)
 
     @triton.jit
+    def _folded_chunk(q_lo, q_hi, w_lo, w_hi):
+        """
+        The cos and sin weights of a block of latent channels (rows of the up-projection split in RoPE halves, (R,
+        HALF)), fp32: with k = W z rotated at angles a, q . rot(k) = sum over frequencies f of
+        cos a_f (q_lo k_lo + q_hi k_hi)_f + sin a_f (q_hi k_lo - q_lo k_hi)_f, both brackets linear in the latents z.
+        """
+        w_lo, w_hi = w_lo.to(tl.float32), w_hi.to(tl.float32)
+        return q_lo[None, :] * w_lo + q_hi[None, :] * w_hi, q_hi[None, :] * w_lo - q_lo[None, :] * w_hi
+
+    @triton.jit
+    def _abs_max(x):
+        return tl.max(tl.max(tl.abs(x), 1), 0)
+
+    @triton.jit
+    def _folded_pair(q_lo, q_hi, w_lo, w_hi, w2_lo, w2_hi):
+        """`_folded_chunk` of two blocks, and the largest magnitude of the four results."""
+        c1, s1 = _folded_chunk(q_lo, q_hi, w_lo, w_hi)
+        c2, s2 = _folded_chunk(q_lo, q_hi, w2_lo, w2_hi)
+        peak = tl.maximum(tl.maximum(_abs_max(c1), _abs_max(s1)), tl.maximum(_abs_max(c2), _abs_max(s2)))
+        return (c1, s1, c2, s2), peak
+
+    @triton.jit
+    def _half_transposed(fold, scale):
+        """Folded weights (R, HALF) fp32 as tensor-core operands: scaled, transposed to (HALF, R), fp16."""
+        return (
+            tl.trans(fold[0] * scale).to(tl.float16),
+            tl.trans(fold[1] * scale).to(tl.float16),
+            tl.trans(fold[2] * scale).to(tl.float16),
+            tl.trans(fold[3] * scale).to(tl.float16),
+        )
+
+    @triton.jit
+    def _folded_setup(
+        Q, W, RANKS, OFFSETS, CODEC, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
+        HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr, SLOTS: tl.constexpr,
+        GROUP: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """
+        What the folded scores pass (G = 1) keeps of a KV head: its query folded into its up-projection as cos and
+        sin weights (HALF, R) fp16 per block of channels (the R1 and R2 chunks, or with SLOTS > 0 each scale group's
+        even and odd channels), scaled so that the largest is 2^14 (fp16 neither overflows nor loses small weights),
+        the factor that undoes the scale, and where the head's latents or codes lie.
+        """
+        offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
+        q = Q + b * stride_qb + head * stride_qh + dims
+        q_lo, q_hi = tl.load(q).to(tl.float32) * scaling, tl.load(q + HALF).to(tl.float32) * scaling
+        if SLOTS > 0:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded)
+            n8 = tl.load(CODEC + 4 * head)
+            boff = tl.multiple_of(tl.load(CODEC + 4 * head + 1).to(tl.int64), ALIGN)
+            codec = (
+                n8,
+                boff,
+                tl.load(CODEC + 4 * head + 2).to(tl.int64),
+                tl.multiple_of(tl.load(CODEC + 4 * head + 3), ALIGN),
+            )
+            start, limit = offset, rank
+            e_lo, e_hi, o_lo, o_hi = _slot_weights(W, stride_wd, offset, rank, n8, 0, dims, HALF, GROUP // 2)
+            f0, peak = _folded_pair(q_lo, q_hi, e_lo, e_hi, o_lo, o_hi)
+            f1, f2 = f0, f0
+            if SLOTS > 1:
+                e_lo, e_hi, o_lo, o_hi = _slot_weights(W, stride_wd, offset, rank, n8, 1, dims, HALF, GROUP // 2)
+                f1, peak1 = _folded_pair(q_lo, q_hi, e_lo, e_hi, o_lo, o_hi)
+                peak = tl.maximum(peak, peak1)
+            if SLOTS > 2:
+                e_lo, e_hi, o_lo, o_hi = _slot_weights(W, stride_wd, offset, rank, n8, 2, dims, HALF, GROUP // 2)
+                f2, peak2 = _folded_pair(q_lo, q_hi, e_lo, e_hi, o_lo, o_hi)
+                peak = tl.maximum(peak, peak2)
+        else:
+            codec = (0, 0, 0, 0)
+            start, limit, w1_lo, w1_hi, w2_lo, w2_hi = _head_weights(
+                W, stride_wd, offset, rank, row_len, dims, HALF, R1, R2, ALIGNED
+            )
+            if R2 == 0:
+                w2_lo, w2_hi = w1_lo, w1_hi
+            f0, peak = _folded_pair(q_lo, q_hi, w1_lo, w1_hi, w2_lo, w2_hi)
+            f1, f2 = f0, f0
+        scale = 16384.0 / tl.where(peak > 0, peak, 16384.0)
+        folds = (_half_transposed(f0, scale), _half_transposed(f1, scale), _half_transposed(f2, scale))
+        return start, limit, codec, folds, 1.0 / scale
+
+    @triton.jit
+    def _channel_weights(cos, sin, fold, which: tl.constexpr):
+        """Each token's weight of each channel of a block, (BT, R) fp32: its cos/sin tables times folded weights."""
+        return tl.dot(sin, fold[2 * which + 1], tl.dot(cos, fold[2 * which]))
+
+    @triton.jit
+    def _slot_scores(
+        ZK, zrow, tok_ok, s, limit, codec, cos, sin, fold, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr
+    ):
+        """A scale group's share of the scores of a tile: its codes times their channel weights, times the scale."""
+        even, odd, scale = _slot_codes(ZK, zrow, tok_ok, s, limit, codec, fold[0].shape[1], HAS8, HAS4, ALIGN)
+        weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1) + tl.sum(
+            odd * _channel_weights(cos, sin, fold, 1), 1
+        )
+        return weighted * tl.reshape(scale, [scale.shape[0]])
+
+    @triton.jit
+    def _folded_tile_scores(
+        ZK, zrow, in_range, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st,
+        R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr,
+        HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """
+        Scores of a KV head's one query head over a tile without rebuilding keys: the tile's fp16 cos/sin tables
+        times the folded weights give each token's weight of each latent channel (tensor cores, (BT, R) fp32), and
+        the score is the sum of the latents times those weights (quantized: per scale group, the codes times them,
+        times the group's scale).
+        """
+        start, limit, codec, folds, unscale = setup
+        if SLOTS > 0:
+            scores = _slot_scores(ZK, zrow, in_range, 0, limit, codec, cos, sin, folds[0], HAS8, HAS4, ALIGN)
+            if SLOTS > 1:
+                scores += _slot_scores(ZK, zrow, in_range, 1, limit, codec, cos, sin, folds[1], HAS8, HAS4, ALIGN)
+            if SLOTS > 2:
+                scores += _slot_scores(ZK, zrow, in_range, 2, limit, codec, cos, sin, folds[2], HAS8, HAS4, ALIGN)
+        else:
+            z1 = _latent_chunk(ZK, zrow, in_range, start, limit, 0, R1, TMA)
+            scores = tl.sum(z1.to(tl.float32) * _channel_weights(cos, sin, folds[0], 0), 1)
+            if R2 > 0:
+                z2 = _latent_chunk(ZK, zrow, in_range, start, limit, R1, R2, TMA)
+                scores += tl.sum(z2.to(tl.float32) * _channel_weights(cos, sin, folds[0], 1), 1)
+        _store_scores(S, S + srow + head * stride_sh + t * stride_st, scores * unscale, keep, stored)
+
+    @triton.jit
+    def _store_scores(S, ptrs, scores, keep, mask):
+        """Scores to the buffer, -inf where not `keep`."""
+        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
+            # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
+            # a single token is past the range: the softmax is one-hot on it either way)
+            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
+        scores = tl.where(keep, scores, float("-inf"))
+        tl.store(ptrs, scores.to(S.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _head_tile_scores(
         ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
         stride_sh, stride_st,
@@ -480,16 +633,8 @@ if triton is not None:
         else:
             scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
             scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
-        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
-            # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
-            # a single token is past the range: the softmax is one-hot on it either way)
-            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
-        scores = tl.where(keep[:, None], scores, float("-inf"))
-        tl.store(
-            S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st,
-            scores.to(S.dtype.element_ty),
-            mask=stored[:, None] & (g[None, :] < G),
-        )
+        ptrs = S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st
+        _store_scores(S, ptrs, scores, keep[:, None], stored[:, None] & (g[None, :] < G))
 
     @triton.jit
     def _scores_kernel(
@@ -503,7 +648,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -512,6 +657,8 @@ if triton is not None:
         strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         TMA (16-bit aligned latents with RoPE tables): ZK / ZK2 are descriptors of the latents' R1 / R2 column chunks
         and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
+        FOLD (G = 1, HPP = 1, 16-bit latents, fp16 tables, no bias or k-norm): keys are never rebuilt; the query is
+        folded into the up-projection and the tables are multiplied by it (`_folded_tile_scores`).
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -523,10 +670,16 @@ if triton is not None:
         dims = tl.arange(0, HALF)
         g = tl.arange(0, GP)
         i = tl.arange(0, BT)
-        setup0 = _head_setup(
-            Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
-        )  # fmt: skip
+        if FOLD:
+            setup0 = _folded_setup(
+                Q, W, RANKS, OFFSETS, CODEC, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
+                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
+            )  # fmt: skip
+        else:
+            setup0 = _head_setup(
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+            )  # fmt: skip
         if HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
@@ -558,13 +711,13 @@ if triton is not None:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
             if TMA:
                 at = (tl.program_id(2), tile * BT)
-                cos = _described_tile(COS, at, 0).to(tl.float32)
-                sin = _described_tile(SIN, at, 0).to(tl.float32)
+                cos = _described_tile(COS, at, 0)
+                sin = _described_tile(SIN, at, 0)
             elif ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 # (0 past the context, which the masked copies write anyway: no selects; those keys are masked out)
-                cos = tl.load(COS + table, mask=in_range[:, None], other=0.0).to(tl.float32)
-                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0).to(tl.float32)
+                cos = tl.load(COS + table, mask=in_range[:, None], other=0.0)
+                sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0)
             else:
                 pos = tl.load(POS + b * stride_pb + t, mask=in_range, other=0)
                 if EXACT_ROPE:
@@ -582,6 +735,8 @@ if triton is not None:
                         cos, sin = _reduced_cos_sin(pos.to(tl.float32)[:, None] * inv_freq[None, :])
                 cos = cos * rope_scale
                 sin = sin * rope_scale
+            if (TMA or ROPE_TABLE) and not FOLD:  # (FOLD multiplies the fp16 tables on the tensor cores)
+                cos, sin = cos.to(tl.float32), sin.to(tl.float32)
             if TMA:
                 zrow = at
             else:
@@ -589,11 +744,17 @@ if triton is not None:
             if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
-            _head_tile_scores(
-                zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
-                scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                HAS8, HAS4, ALIGN, JOINED, TMA,
-            )  # fmt: skip
+            if FOLD:
+                _folded_tile_scores(
+                    zk, zrow, in_range, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st,
+                    R1, R2, TMA, SLOTS, HAS8, HAS4, ALIGN,
+                )  # fmt: skip
+            else:
+                _head_tile_scores(
+                    zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
+                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                    SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                )  # fmt: skip
             if HPP > 1:
                 _head_tile_scores(
                     zk, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
@@ -773,6 +934,8 @@ DEFAULT_CONFIG = {
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
     # B16 0.939 -> 0.919 ms, GQA B16 0.265 -> 0.256, batch 1 the same. auto: where the ~0.1 ms of host time a call
     # spends making descriptors is hidden (`_tma_pays`): CUDA-graph capture, or key latents of TMA_AUTO_BYTES or more
+    "folded_scores": True,  # G = 1 with 16-bit latents and RoPE tables (no bias, no k-norm): keys never rebuilt; the
+    # query folded into the up-projection, the tables times that (tensor cores) weight each latent channel
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1037,6 +1200,9 @@ def latent_decode_attention(
         rope_scale = 1.0  # already in the tables
 
     hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
+    slots = _key_slots(k_codec, cfg["grouped_keys"]) if quant else 0
+    fold = bool(cfg["folded_scores"]) and groups == 1 and use_table and (slots > 0 or not quant) and hpp == 1
+    fold = fold and k_bias is None and k_norm is None and cos_t.dtype == torch.float16
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
         resident=cfg["scores_resident"],
@@ -1073,8 +1239,8 @@ def latent_decode_attention(
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
-        SLOTS=_key_slots(k_codec, cfg["grouped_keys"]) if quant else 0, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma,
+        SLOTS=slots, **k_flags,
+        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma, FOLD=fold,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

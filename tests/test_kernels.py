@@ -433,6 +433,97 @@ def test_tma_loads(
     assert (got - plain).abs().max() <= 1e-3 * plain.abs().max()
 
 
+FOLD_CASES = [  # batch, tokens, KV heads, head_dim, k_ranks, v_rank, pad, rope_scale
+    (3, 130, 4, 128, [38, 17, 5, 36], 130, 5, 1.0),  # rank chunks 32 + 16, three tiles, left padding
+    (2, 77, 2, 64, [13, 43], 40, 3, 1.3),  # 32 + 16 at head_dim 64, attention scaling in the tables
+    (2, 70, 3, 64, [13, 38, 9], 40, 0, 1.0),  # rows of 60 columns: unaligned latents (pointer loads only)
+    (1, 9, 2, 64, [30, 10], 8, 0, 1.0),  # one 64-column chunk past the row's end, fewer tokens than a tile
+]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("batch, tokens, kv_heads, head_dim, k_ranks, v_rank, pad, rope_scale", FOLD_CASES)
+def test_folded_scores(
+    poisoned, scores_launches, dtype, tma, batch, tokens, kv_heads, head_dim, k_ranks, v_rank, pad, rope_scale
+):
+    """G = 1 with RoPE tables (the default there): the query folded into the up-projection and the tables times that
+    (keys never rebuilt) equal the reference and the unfolded pass; by TMA, with the latents and tables views of
+    larger NaN-filled buffers (NaN in the output would show a read outside them)."""
+    case = make_case(batch, tokens, kv_heads, 1, head_dim, k_ranks, v_rank, pad=pad, rope_scale=rope_scale, seed=5)
+    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
+    inputs = cast(case, dtype)
+    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], rope_scale, dtype)
+    if tma:
+        inputs["key_latents"] = nan_beyond(inputs["key_latents"], 40, 8)
+        tables = tuple(nan_beyond(t, 40, 0) for t in tables)
+    results = [
+        kernels.latent_decode_attention(**inputs, tables=tables, config={"scores_tma": tma, "folded_scores": fold})
+        for fold in (True, False)
+    ]
+    aligned = sum(k_ranks) % 8 == 0
+    assert [(launch["FOLD"], launch["TMA"]) for launch in scores_launches] == [(True, tma and aligned)] + [
+        (False, tma and aligned)
+    ]
+    folded, unfolded = (r.cpu().double() for r in results)
+    for got in (folded, unfolded):
+        assert not torch.isnan(got).any()
+        assert (got - expected).norm() / expected.norm() < TOLERANCE[dtype]
+    assert (folded - unfolded).norm() / unfolded.norm() < TOLERANCE[dtype] / 2
+
+
+@pytest.mark.parametrize("query_scale, weight_scale", [(100.0, 1e4), (0.0, 1.0)])
+def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, query_scale, weight_scale):
+    """The folded weights are scaled so that the largest is 2^14 before they become fp16: weights of ~1e5 (queries
+    of 100, up-projections of 1e4) would overflow unscaled, and an all-zero query (no scale to take) must give
+    uniform attention, not NaN."""
+    case = make_case(2, 70, 2, 1, 64, [13, 38], 24, seed=9)
+    case["query"] = case["query"] * query_scale
+    case["k_up_weight"] = case["k_up_weight"] * weight_scale
+    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
+    inputs = cast(case, torch.float16)
+    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, torch.float16)
+    got = kernels.latent_decode_attention(**inputs, tables=tables).cpu().double()
+    assert [launch["FOLD"] for launch in scores_launches] == [True]
+    assert not torch.isnan(got).any()
+    assert (got - expected).norm() / expected.norm() < TOLERANCE[torch.float16]
+
+
+def test_folded_scores_only_where_they_apply(scores_launches):
+    """Folding needs one query head per KV head, RoPE tables (16-bit inputs) and no key bias or k-norm."""
+    cases = [  # (make_case's G and extras, dtype, with tables, settings), whether it folds
+        ((1, {}), torch.float16, True, None, True),
+        ((2, {}), torch.float16, True, None, False),
+        ((1, {"bias": True}), torch.float16, True, None, False),
+        ((1, {"norm": True}), torch.float16, True, None, False),
+        ((1, {}), torch.float32, True, None, False),
+        ((1, {}), torch.float16, False, None, False),
+        ((1, {}), torch.float16, True, {"folded_scores": False}, False),
+        ((1, {}), torch.float16, True, {"heads_per_program": 2}, False),
+    ]
+    for (groups, extras), dtype, with_tables, config, _ in cases:
+        inputs = cast(make_case(1, 20, 2, groups, 64, [13, 38], 20, **extras), dtype)
+        tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, dtype) if with_tables else None
+        kernels.latent_decode_attention(**inputs, tables=tables, config=config)
+    assert [launch["FOLD"] for launch in scores_launches] == [case[-1] for case in cases]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize(
+    "k_ranks, k_n8, v_rank, v_n8, extras",
+    [
+        ([38, 40], [8, 16], 96, 32, {"pad": 5}),  # mixed 8/4-bit heads: two scale groups each
+        ([32, 32], [0, 0], 64, 0, {"align": 16}),  # 4 bits only, one group a head (decode_attention's 4-bit rows)
+        ([64, 9], [10, 9], 64, 33, {}),  # a head of three groups (8-bit, then 32 + 22 4-bit) beside an 8-bit one
+    ],
+)
+def test_folded_scores_of_quantized_keys(scores_launches, dtype, k_ranks, k_n8, v_rank, v_n8, extras):
+    """Quantized keys (G = 1, read per scale group) fold too: per group, the codes times their channel weights,
+    times the token's scale, equal the reference on the decoded rows."""
+    check_quantized(dtype, 1, k_ranks, k_n8, v_rank, v_n8, 32, extras, config={"rope_table": True})
+    assert [launch["FOLD"] for launch in scores_launches] == [True]
+
+
 def test_tma_loads_only_where_aligned(scores_launches, values_launches):
     """Rows not 16-byte aligned, or fp32 inputs (scores pass: no RoPE tables), keep the pointer loads."""
     config = {"scores_tma": True, "values_tma": True, "rope_table": True}
