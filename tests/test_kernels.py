@@ -1,6 +1,7 @@
 """The Triton decode kernel against its PyTorch reference (under TRITON_INTERPRET=1 on CPU, natively on a GPU)."""
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -346,10 +347,10 @@ def test_accesses_stay_inside_every_tensor(guards, dtype, k_ranks, v_rank):
     assert (got.double() - expected).norm() / expected.norm() < TOLERANCE[dtype]
 
 
-def record_launches(monkeypatch, name):
-    """The compile-time settings of every launch of kernel `name` (the kernel still runs)."""
+def record_launches(monkeypatch, name, module=kernels):
+    """The compile-time settings of every launch of kernel `name` of `module` (the kernel still runs)."""
     launches = []
-    kernel = getattr(kernels, name)
+    kernel = getattr(module, name)
 
     class Recorder:
         def __getitem__(self, grid):
@@ -359,7 +360,7 @@ def record_launches(monkeypatch, name):
 
             return launch
 
-    monkeypatch.setattr(kernels, name, Recorder())
+    monkeypatch.setattr(module, name, Recorder())
     return launches
 
 
@@ -706,14 +707,18 @@ def test_quantized_model_decodes_the_same_through_the_kernel(monkeypatch, family
     check_generate_paths(monkeypatch, model, tokenizer, 1e-3)
 
 
-@pytest.mark.parametrize("family", ["llama3", "mistral"])
+@pytest.mark.parametrize("family", ["llama3", "mistral", "llama-mha"])
 def test_half_precision_model_decodes_close_through_the_kernel(monkeypatch, family, converted, tokenizer):
-    """In fp16 the model hands the kernel RoPE tables computed once per step; logits stay within fp16 rounding."""
+    """In fp16 the model hands the kernel RoPE tables computed once per step; logits stay within fp16 rounding.
+    With one query head per KV head (llama-mha) the kernel folds the query into the up-projection."""
     from transformers import AutoModelForCausalLM
 
     folder = converted(family, kv_ratio=0.5)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float16).eval()
+    modeling = importlib.import_module(type(model).__module__)  # the checkpoint's own copy of the kernel
+    launches = record_launches(monkeypatch, "_scores_kernel", sys.modules[modeling.latent_decode_attention.__module__])
     check_generate_paths(monkeypatch, model, tokenizer, 5e-2, tokens_equal=False)
+    assert launches and {launch["FOLD"] for launch in launches} == {family == "llama-mha"}
 
 
 def check_generate_paths(monkeypatch, model, tokenizer, tolerance, tokens_equal=True):

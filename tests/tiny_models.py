@@ -22,10 +22,15 @@ _COMMON = dict(
 
 
 def tiny_config(family: str, vocab_size: int):
-    """The config of a tiny `family` model: llama3 has "llama3" RoPE scaling, mistral a sliding window."""
+    """
+    The config of a tiny `family` model: llama3 has "llama3" RoPE scaling, mistral a sliding window; "llama-mha" (not
+    in FAMILIES) is llama with a KV head per query head.
+    """
     kwargs = dict(_COMMON, vocab_size=vocab_size)
     if family == "llama":
         return AutoConfig.for_model("llama", rope_theta=10000.0, **kwargs)
+    if family == "llama-mha":
+        return AutoConfig.for_model("llama", rope_theta=10000.0, **dict(kwargs, num_key_value_heads=8))
     if family == "llama3":
         rope = {
             "rope_type": "llama3",
