@@ -14,7 +14,10 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    For 16-bit latents a chunk's two RoPE halves are rebuilt side by side by one product, and the G queries are
    scored by one product over the head dimension (`joined_halves`); where their rows are 16-byte aligned, latents and
    tables arrive by TMA descriptors (`scores_tma`: ~30 fewer registers, the same results; where the descriptors' host
-   time is hidden, and not under torch.compile).
+   time is hidden, and not under torch.compile). With one query head per KV head (G = 1, MHA) and RoPE tables, keys
+   are never rebuilt (`folded_scores`): the query is folded into the up-projection once per program, as cos and sin
+   weights of each latent channel, and per tile the fp16 tables times those weights (tensor cores, the tables read
+   straight from shared memory) give each token's weight of each channel; the score is the latents' weighted sum.
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
@@ -25,9 +28,10 @@ code bytes and one fp16 scale per token and group (8-bit groups first, then 4-bi
 or per value where groups are smaller than 32 channels or a key head has more than three groups.
 
 A single fused pass over all KV heads (scores never leaving the chip) was measured slower than these two passes on
-the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a), and so was folding the
-query into the up-projection for G = 1, which never rebuilds the keys (8% slower at MHA B16; commit 3b89296), and
-one kernel merging the splits and up-projecting them (15 us at GQA B1 16K against 3.3 + 3.6; commit 4d3aa0f).
+the H100 for every shape (benchmarks/README.md; it is in the history at commit 4f4226a), and so was the other way of
+folding the query for G = 1 (latents times folded weights first, then 128 products with the fp32 tables a token: 8%
+slower at MHA B16; commit 3b89296), and one kernel merging the splits and up-projecting them (15 us at GQA B1 16K
+against 3.3 + 3.6; commit 4d3aa0f).
 
 RoPE without tables: the angles of consecutive positions are built by angle addition from one exactly reduced angle
 per tile (cos/sin of the offsets 0..BT-1 are computed once per program), so the special-function units stay idle; a
