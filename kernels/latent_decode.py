@@ -565,41 +565,70 @@ if triton is not None:
         return tl.dot(sin, fold[2 * which + 1], tl.dot(cos, fold[2 * which]))
 
     @triton.jit
-    def _slot_scores(
-        ZK, zrow, tok_ok, s, limit, codec, cos, sin, fold, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr
-    ):
+    def _slot_scores(codes, cos, sin, fold):
         """A scale group's share of the scores of a tile: its codes times their channel weights, times the scale."""
-        even, odd, scale = _slot_codes(ZK, zrow, tok_ok, s, limit, codec, fold[0].shape[1], HAS8, HAS4, ALIGN)
-        weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1) + tl.sum(
-            odd * _channel_weights(cos, sin, fold, 1), 1
-        )
+        even, odd, scale = codes
+        weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1)
+        weighted += tl.sum(odd * _channel_weights(cos, sin, fold, 1), 1)
         return weighted * tl.reshape(scale, [scale.shape[0]])
 
     @triton.jit
+    def _folded_latents(
+        ZK, tile, T, b, stride_zb, stride_zt, setup,
+        BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
+        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """
+        What the folded pass reads of a tile's key latents: the R1 and R2 chunks, or each scale group's even and odd
+        codes and scale (0 past the context). The tile loop loads the next tile's while it scores this one: the
+        software pipeliner stages only loads that feed products, and these feed elementwise math.
+        """
+        start, limit, codec, _, _ = setup
+        t = tile * BT + tl.arange(0, BT)
+        in_range = t < T
+        if TMA:
+            zrow = (tl.program_id(2), tile * BT)
+        else:
+            zrow = b * stride_zb + t * stride_zt
+        if SLOTS > 0:
+            zrow = tl.multiple_of(zrow, ALIGN)
+            c0 = _slot_codes(ZK, zrow, in_range, 0, limit, codec, HG, HAS8, HAS4, ALIGN)
+            c1, c2 = c0, c0
+            if SLOTS > 1:
+                c1 = _slot_codes(ZK, zrow, in_range, 1, limit, codec, HG, HAS8, HAS4, ALIGN)
+            if SLOTS > 2:
+                c2 = _slot_codes(ZK, zrow, in_range, 2, limit, codec, HG, HAS8, HAS4, ALIGN)
+            latents = (c0, c1, c2)
+        else:
+            z1 = _latent_chunk(ZK, zrow, in_range, start, limit, 0, R1, TMA)
+            z2 = z1
+            if R2 > 0:
+                z2 = _latent_chunk(ZK, zrow, in_range, start, limit, R1, R2, TMA)
+            latents = (z1, z2)
+        return latents
+
+    @triton.jit
     def _folded_tile_scores(
-        ZK, zrow, in_range, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st,
-        R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr,
-        HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st,
+        R2: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's one query head over a tile without rebuilding keys: the tile's fp16 cos/sin tables
         times the folded weights give each token's weight of each latent channel (tensor cores, (BT, R) fp32), and
-        the score is the sum of the latents times those weights (quantized: per scale group, the codes times them,
-        times the group's scale).
+        the score is the sum of the latents (`_folded_latents`) times those weights (quantized: per scale group, the
+        codes times them, times the group's scale).
         """
-        start, limit, codec, folds, unscale = setup
+        _, _, _, folds, unscale = setup
         if SLOTS > 0:
-            scores = _slot_scores(ZK, zrow, in_range, 0, limit, codec, cos, sin, folds[0], HAS8, HAS4, ALIGN)
+            scores = _slot_scores(latents[0], cos, sin, folds[0])
             if SLOTS > 1:
-                scores += _slot_scores(ZK, zrow, in_range, 1, limit, codec, cos, sin, folds[1], HAS8, HAS4, ALIGN)
+                scores += _slot_scores(latents[1], cos, sin, folds[1])
             if SLOTS > 2:
-                scores += _slot_scores(ZK, zrow, in_range, 2, limit, codec, cos, sin, folds[2], HAS8, HAS4, ALIGN)
+                scores += _slot_scores(latents[2], cos, sin, folds[2])
         else:
-            z1 = _latent_chunk(ZK, zrow, in_range, start, limit, 0, R1, TMA)
-            scores = tl.sum(z1.to(tl.float32) * _channel_weights(cos, sin, folds[0], 0), 1)
+            scores = tl.sum(latents[0].to(tl.float32) * _channel_weights(cos, sin, folds[0], 0), 1)
             if R2 > 0:
-                z2 = _latent_chunk(ZK, zrow, in_range, start, limit, R1, R2, TMA)
-                scores += tl.sum(z2.to(tl.float32) * _channel_weights(cos, sin, folds[0], 1), 1)
+                scores += tl.sum(latents[1].to(tl.float32) * _channel_weights(cos, sin, folds[0], 1), 1)
         _store_scores(S, S + srow + head * stride_sh + t * stride_st, scores * unscale, keep, stored)
 
     @triton.jit
@@ -706,6 +735,10 @@ if triton is not None:
 
         zk = (ZK, ZK2) if TMA else ZK
         first = split * tiles_per_split
+        if FOLD:
+            latents = _folded_latents(
+                zk, first, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
+            )
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
@@ -749,10 +782,14 @@ if triton is not None:
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
             if FOLD:
-                _folded_tile_scores(
-                    zk, zrow, in_range, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st,
-                    R1, R2, TMA, SLOTS, HAS8, HAS4, ALIGN,
+                following = _folded_latents(
+                    zk, tile + 1, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4,
+                    ALIGN,
                 )  # fmt: skip
+                _folded_tile_scores(
+                    latents, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st, R2, SLOTS
+                )
+                latents = following
             else:
                 _head_tile_scores(
                     zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
@@ -1226,7 +1263,11 @@ def latent_decode_attention(
         cos_t = sin_t = scores
     zk = zk2 = key_latents
     tma = bool(cfg["scores_tma"]) and aligned and use_table and _tma_capable(device, key_latents, cos_t, sin_t)
-    tma = tma and (cfg["scores_tma"] != "auto" or _tma_pays(device, key_latents.numel() * key_latents.element_size()))
+    # ("auto" leaves the folded pass its pointer loads: it prefetches each next tile's latents into registers, where a
+    # TMA copy would be waited for at once)
+    tma = tma and (
+        cfg["scores_tma"] != "auto" or not fold and _tma_pays(device, key_latents.numel() * key_latents.element_size())
+    )
     if tma:  # (from_tensor: the form torch.compile traces)
         describe = TensorDescriptor.from_tensor
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
