@@ -975,8 +975,11 @@ DEFAULT_CONFIG = {
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
     # B16 0.939 -> 0.919 ms, GQA B16 0.265 -> 0.256, batch 1 the same. auto: where the ~0.1 ms of host time a call
     # spends making descriptors is hidden (`_tma_pays`): CUDA-graph capture, or key latents of TMA_AUTO_BYTES or more
-    "folded_scores": True,  # G = 1 with 16-bit latents and RoPE tables (no bias, no k-norm): keys never rebuilt; the
-    # query folded into the up-projection, the tables times that (tensor cores) weight each latent channel
+    "folded_scores": "auto",  # G = 1 with RoPE tables (no bias, no k-norm): keys never rebuilt; the query folded into
+    # the up-projection, the tables times that (tensor cores) weight each latent channel. auto: quantized keys only.
+    # H100, scores pass ms, MHA B16 / B1 64K: 4-bit 1.029 -> 0.912 / 0.138 -> 0.126 (graph, whole call, 1.687 ->
+    # 1.559 ms at B16); bf16 slower, 0.906 -> 1.145 / 0.136 -> 0.156 (each tile is 4 small products (N = 32, 16) on
+    # the same 16 KB of tables, against the unfolded pass's 2 wide ones)
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1242,7 +1245,8 @@ def latent_decode_attention(
 
     hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
     slots = _key_slots(k_codec, cfg["grouped_keys"]) if quant else 0
-    fold = bool(cfg["folded_scores"]) and groups == 1 and use_table and (slots > 0 or not quant) and hpp == 1
+    fold = quant if cfg["folded_scores"] == "auto" else bool(cfg["folded_scores"])
+    fold = fold and groups == 1 and use_table and (slots > 0 or not quant) and hpp == 1
     fold = fold and k_bias is None and k_norm is None and cos_t.dtype == torch.float16
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
