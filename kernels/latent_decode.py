@@ -14,10 +14,11 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    For 16-bit latents a chunk's two RoPE halves are rebuilt side by side by one product, and the G queries are
    scored by one product over the head dimension (`joined_halves`); where their rows are 16-byte aligned, latents and
    tables arrive by TMA descriptors (`scores_tma`: ~30 fewer registers, the same results; where the descriptors' host
-   time is hidden, and not under torch.compile). With one query head per KV head (G = 1, MHA) and RoPE tables, keys
-   are never rebuilt (`folded_scores`): the query is folded into the up-projection once per program, as cos and sin
-   weights of each latent channel, and per tile the fp16 tables times those weights (tensor cores, the tables read
-   straight from shared memory) give each token's weight of each channel; the score is the latents' weighted sum.
+   time is hidden, and not under torch.compile). With one query head per KV head (G = 1, MHA), RoPE tables and
+   quantized keys, keys are never rebuilt (`folded_scores`; on the H100 it pays for 4-bit codes, not for bf16
+   latents): the query is folded into the up-projection once per program, as cos and sin weights of each latent
+   channel, and per tile the fp16 tables times those weights (tensor cores) give each token's weight of each
+   channel; the score is the codes' weighted sum, times their scales.
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
