@@ -420,6 +420,15 @@ if triton is not None:
         return (k_lo * cos - k_hi * sin).to(DTYPE), (k_hi * cos + k_lo * sin).to(DTYPE)
 
     @triton.jit
+    def _head_codec(CODEC, head, ALIGN: tl.constexpr):
+        """Where a quantized head lies in each token's row: its 8-bit channels, first code byte, first scale byte and
+        code bytes (padded)."""
+        n8 = tl.load(CODEC + 4 * head)
+        boff = tl.multiple_of(tl.load(CODEC + 4 * head + 1).to(tl.int64), ALIGN)
+        soff = tl.load(CODEC + 4 * head + 2).to(tl.int64)
+        return n8, boff, soff, tl.multiple_of(tl.load(CODEC + 4 * head + 3), ALIGN)
+
+    @triton.jit
     def _head_setup(
         Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
@@ -432,11 +441,8 @@ if triton is not None:
         each chunk's RoPE halves side by side, (R, 2 HALF), and the queries whole, (2 HALF, GP), in both query slots.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
-        if QUANT:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded) in a row
-            n8 = tl.load(CODEC + 4 * head)
-            boff = tl.multiple_of(tl.load(CODEC + 4 * head + 1).to(tl.int64), ALIGN)
-            soff = tl.load(CODEC + 4 * head + 2).to(tl.int64)
-            size = tl.multiple_of(tl.load(CODEC + 4 * head + 3), ALIGN)
+        if QUANT:
+            n8, boff, soff, size = _head_codec(CODEC, head, ALIGN)
         else:
             n8 = 0
             boff = 0
@@ -526,15 +532,9 @@ if triton is not None:
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         q = Q + b * stride_qb + head * stride_qh + dims
         q_lo, q_hi = tl.load(q).to(tl.float32) * scaling, tl.load(q + HALF).to(tl.float32) * scaling
-        if SLOTS > 0:  # the head's 8-bit channels, first code byte, first scale byte and code bytes (padded)
-            n8 = tl.load(CODEC + 4 * head)
-            boff = tl.multiple_of(tl.load(CODEC + 4 * head + 1).to(tl.int64), ALIGN)
-            codec = (
-                n8,
-                boff,
-                tl.load(CODEC + 4 * head + 2).to(tl.int64),
-                tl.multiple_of(tl.load(CODEC + 4 * head + 3), ALIGN),
-            )
+        if SLOTS > 0:
+            codec = _head_codec(CODEC, head, ALIGN)
+            n8 = codec[0]
             start, limit = offset, rank
             e_lo, e_hi, o_lo, o_hi = _slot_weights(W, stride_wd, offset, rank, n8, 0, dims, HALF, GROUP // 2)
             f0, peak = _folded_pair(q_lo, q_hi, e_lo, e_hi, o_lo, o_hi)
@@ -691,8 +691,9 @@ if triton is not None:
         strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         TMA (16-bit aligned latents with RoPE tables): ZK / ZK2 are descriptors of the latents' R1 / R2 column chunks
         and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
-        FOLD (G = 1, HPP = 1, 16-bit latents, fp16 tables, no bias or k-norm): keys are never rebuilt; the query is
-        folded into the up-projection and the tables are multiplied by it (`_folded_tile_scores`).
+        FOLD (G = 1, HPP = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or k-norm):
+        keys are never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
+        (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
