@@ -464,8 +464,9 @@ def test_folded_scores(
         for fold in (True, False)
     ]
     aligned = sum(k_ranks) % 8 == 0
-    assert [(launch["FOLD"], launch["TMA"]) for launch in scores_launches] == [(True, tma and aligned)] + [
-        (False, tma and aligned)
+    assert [(launch["FOLD"], launch["TMA"]) for launch in scores_launches] == [
+        (True, tma and aligned),
+        (False, tma and aligned),
     ]
     folded, unfolded = (r.cpu().double() for r in results)
     for got in (folded, unfolded):
