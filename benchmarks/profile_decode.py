@@ -104,13 +104,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores folded, 4 stages": {"scores_stages_tables": 4},
     "scores folded, 2 stages, 4 resident": {"scores_stages_tables": 2, "scores_resident": 4},
     "scores and values TMA": {"scores_tma": True, "values_tma": True},
-    # the folded pass forced on (16-bit latents too), its tables or their anchored form (`anchored_rope`)
-    "scores folded on tables": {"folded_scores": True},
-    "scores folded, anchored RoPE": {"folded_scores": True, "anchored_rope": True},
-    "scores folded, anchored RoPE, 2 stages": {"folded_scores": True, "anchored_rope": True, "scores_stages_tables": 2},
-    "scores folded, anchored RoPE, 4 stages": {"folded_scores": True, "anchored_rope": True, "scores_stages_tables": 4},
-    "scores folded, anchored RoPE, 4 resident": {"folded_scores": True, "anchored_rope": True, "scores_resident": 4},
-    "scores folded, anchored RoPE unchecked": {"folded_scores": True, "anchored_rope": "unchecked"},
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

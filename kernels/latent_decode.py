@@ -561,53 +561,6 @@ if triton is not None:
         return start, limit, codec, folds, 1.0 / scale
 
     @triton.jit
-    def _anchored_pair(fold_cos, fold_sin, base_cos, base_sin):
-        """
-        A block's cos/sin weights turned to a tile's first angles A: with each token at A + d,
-        cos(A + d) F_cos + sin(A + d) F_sin = cos d (cos A F_cos + sin A F_sin) + sin d (cos A F_sin - sin A F_cos).
-        """
-        c, s = base_cos.to(tl.float16)[:, None], base_sin.to(tl.float16)[:, None]
-        return c * fold_cos + s * fold_sin, c * fold_sin - s * fold_cos
-
-    @triton.jit
-    def _anchored(fold, base_cos, base_sin):
-        """`_anchored_pair` of both blocks of a fold (cos and sin weights of two blocks)."""
-        c0, s0 = _anchored_pair(fold[0], fold[1], base_cos, base_sin)
-        c1, s1 = _anchored_pair(fold[2], fold[3], base_cos, base_sin)
-        return c0, s0, c1, s1
-
-    @triton.jit
-    def _anchored_rope(
-        POS, COS, SIN, prow, crow, tile, t, keep, in_range, T, dims, inv_freq, rope_scale, steps, folds, stride_ct,
-        BT: tl.constexpr, R2: tl.constexpr, SLOTS: tl.constexpr, UNCHECKED: tl.constexpr,
-    ):  # fmt: skip
-        """
-        The RoPE operands of a folded tile without its 16 KB of tables: where the tile's kept positions are
-        consecutive (generate() gives that, padding aside), cos/sin of the offsets 0..BT-1 (`steps`, the same for
-        every tile) and the folded weights turned to the tile's first position (one exactly reduced angle per
-        frequency); else the tile's tables and the folded weights as they are.
-        """
-        pos = tl.load(POS + prow + t, mask=in_range, other=0)
-        last = tl.minimum(tile * BT + BT - 1, T - 1)  # anchored at the last token (left padding comes first)
-        start = tl.load(POS + prow + last) - (last - tile * BT)
-        if UNCHECKED or tl.max(tl.where(keep & (pos != start + t - tile * BT), 1, 0), 0) == 0:
-            base_cos, base_sin = _reduced_cos_sin(start.to(tl.float32) * inv_freq)
-            base_cos, base_sin = base_cos * rope_scale, base_sin * rope_scale
-            cos, sin = steps
-            f0 = _anchored(folds[0], base_cos, base_sin)
-            f1, f2 = f0, f0
-            if SLOTS > 1:
-                f1 = _anchored(folds[1], base_cos, base_sin)
-            if SLOTS > 2:
-                f2 = _anchored(folds[2], base_cos, base_sin)
-            folds = (f0, f1, f2)
-        else:
-            table = crow + t[:, None] * stride_ct + dims[None, :]
-            cos = tl.load(COS + table, mask=in_range[:, None], other=0.0)
-            sin = tl.load(SIN + table, mask=in_range[:, None], other=0.0)
-        return cos, sin, folds
-
-    @triton.jit
     def _channel_weights(cos, sin, fold, which: tl.constexpr):
         """Each token's weight of each channel of a block, (BT, R) fp32: its cos/sin tables times folded weights."""
         return tl.dot(sin, fold[2 * which + 1], tl.dot(cos, fold[2 * which]))
@@ -657,7 +610,7 @@ if triton is not None:
 
     @triton.jit
     def _folded_tile_scores(
-        latents, keep, stored, S, srow, t, head, setup, folds, cos, sin, stride_sh, stride_st,
+        latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st,
         R2: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """
@@ -666,7 +619,7 @@ if triton is not None:
         the score is the sum of the latents (`_folded_latents`) times those weights (quantized: per scale group, the
         codes times them, times the group's scale).
         """
-        unscale = setup[4]
+        _, _, _, folds, unscale = setup
         if SLOTS > 0:
             scores = _slot_scores(latents[0], cos, sin, folds[0])
             if SLOTS > 1:
@@ -729,7 +682,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, ANCHOR: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -740,8 +693,7 @@ if triton is not None:
         and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
         FOLD (G = 1, HPP = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or k-norm):
         keys are never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
-        (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored. ANCHOR (FOLD without TMA):
-        tiles of consecutive positions multiply cos/sin of their offsets instead of their tables (`_anchored_rope`).
+        (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -778,10 +730,8 @@ if triton is not None:
                 G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
-        if ANCHOR or (not EXACT_ROPE and not ROPE_TABLE):
+        if not EXACT_ROPE and not ROPE_TABLE:
             step_cos, step_sin = _reduced_cos_sin(i.to(tl.float32)[:, None] * inv_freq[None, :])
-        if ANCHOR:
-            steps = (step_cos.to(tl.float16), step_sin.to(tl.float16))
         norm_lo = tl.load(NORMW + dims).to(tl.float32)  # unused without HAS_NORM
         norm_hi = tl.load(NORMW + HALF + dims).to(tl.float32)
 
@@ -798,17 +748,10 @@ if triton is not None:
             keep = in_range
             if HAS_VALID:
                 keep = keep & (tl.load(VALID + b * stride_vb + t, mask=in_range, other=0) != 0)
-            if FOLD:
-                folds = setup0[3]
             if TMA:
                 at = (tl.program_id(2), tile * BT)
                 cos = _described_tile(COS, at, 0)
                 sin = _described_tile(SIN, at, 0)
-            elif ANCHOR:
-                cos, sin, folds = _anchored_rope(
-                    POS, COS, SIN, b * stride_pb, b * stride_cb, tile, t, keep, in_range, T, dims, inv_freq,
-                    rope_scale, steps, folds, stride_ct, BT, R2, SLOTS, ANCHOR == 2,
-                )  # fmt: skip
             elif ROPE_TABLE:  # cos/sin of every cached position (16-bit, as transformers rounds them), from the cache
                 table = b * stride_cb + t[:, None] * stride_ct + dims[None, :]
                 # (0 past the context, which the masked copies write anyway: no selects; those keys are masked out)
@@ -846,7 +789,7 @@ if triton is not None:
                     ALIGN,
                 )  # fmt: skip
                 _folded_tile_scores(
-                    latents, keep, stored, S, srow, t, head0, setup0, folds, cos, sin, stride_sh, stride_st, R2, SLOTS
+                    latents, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st, R2, SLOTS
                 )
                 latents = following
             else:
@@ -1039,8 +982,6 @@ DEFAULT_CONFIG = {
     # H100, scores pass ms, MHA B16 / B1 64K: 4-bit 1.029 -> 0.912 / 0.138 -> 0.126 (graph, whole call, 1.687 ->
     # 1.559 ms at B16); bf16 slower, 0.906 -> 1.145 / 0.136 -> 0.156 (each tile is 4 small products (N = 32, 16) on
     # the same 16 KB of tables, against the unfolded pass's 2 wide ones)
-    "anchored_rope": False,  # folded pass: tiles of consecutive positions turn the folded weights to their first
-    # position and multiply cos/sin of the offsets 0..BT-1 (the same every tile) instead of reading 16 KB of tables
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1302,13 +1243,13 @@ def latent_decode_attention(
     heads_p2 = _next_pow2(num_heads)
     if use_table:
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
+        rope_scale = 1.0  # already in the tables
 
     hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
     slots = _key_slots(k_codec, cfg["grouped_keys"]) if quant else 0
     fold = quant if cfg["folded_scores"] == "auto" else bool(cfg["folded_scores"])
     fold = fold and groups == 1 and use_table and (slots > 0 or not quant) and hpp == 1
     fold = fold and k_bias is None and k_norm is None and cos_t.dtype == torch.float16
-    anchor = (2 if cfg["anchored_rope"] == "unchecked" else 1) if fold and cfg["anchored_rope"] else 0
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
         resident=cfg["scores_resident"],
@@ -1333,7 +1274,6 @@ def latent_decode_attention(
     tma = tma and (
         cfg["scores_tma"] != "auto" or not fold and _tma_pays(device, key_latents.numel() * key_latents.element_size())
     )
-    tma = tma and not anchor  # (the anchored tiles read no tables)
     if tma:  # (from_tensor: the form torch.compile traces)
         describe = TensorDescriptor.from_tensor
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
@@ -1345,13 +1285,13 @@ def latent_decode_attention(
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
         *(cos_t.strides[:2] if tma else cos_t.stride()[:2]),
-        scaling, rope_scale if anchor or not use_table else 1.0, eps,  # (the tables hold the scale)
+        scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=slots, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma, FOLD=fold, ANCHOR=anchor,
+        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma, FOLD=fold,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -475,39 +475,6 @@ def test_folded_scores(
     assert (folded - unfolded).norm() / unfolded.norm() < TOLERANCE[dtype] / 2
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("batch, tokens, kv_heads, head_dim, k_ranks, v_rank, pad, rope_scale", FOLD_CASES)
-@pytest.mark.parametrize("jumps", [False, True])
-def test_anchored_rope(
-    poisoned, scores_launches, dtype, batch, tokens, kv_heads, head_dim, k_ranks, v_rank, pad, rope_scale, jumps
-):
-    """The folded pass with `anchored_rope`: tiles of consecutive positions (left padding aside) turn the folded
-    weights to their first position and take cos/sin of the offsets instead of their tables; tiles whose positions
-    jump (a sequence's restart at 0 mid-tile, a hole of 1000) read their tables. Equal to the reference and to the
-    folded pass on the tables, with and without jumps, at positions past 30000."""
-    case = make_case(batch, tokens, kv_heads, 1, head_dim, k_ranks, v_rank, pad=pad, rope_scale=rope_scale, seed=6)
-    case["positions"] = torch.arange(tokens).expand(batch, -1) + 30000
-    if pad:  # the padding at 1, as generate() gives it
-        case["positions"][0] = torch.where(case["valid"][0], case["positions"][0] - pad, 1)
-    if jumps:
-        case["positions"][-1, tokens // 2 :] -= 30000
-        case["positions"][0, 3 * tokens // 4 :] += 1000
-    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
-    inputs = cast(case, dtype)
-    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], rope_scale, dtype)
-    results = [
-        kernels.latent_decode_attention(
-            **inputs, tables=tables, config={"folded_scores": True, "anchored_rope": anchored}
-        )
-        for anchored in (True, False)
-    ]
-    assert [(launch["FOLD"], launch["ANCHOR"]) for launch in scores_launches] == [(True, True), (True, False)]
-    anchored, tabled = (r.cpu().double() for r in results)
-    assert not torch.isnan(anchored).any()
-    assert (anchored - expected).norm() / expected.norm() < TOLERANCE[dtype]
-    assert (anchored - tabled).norm() / tabled.norm() < TOLERANCE[dtype] / 2
-
-
 @pytest.mark.parametrize("query_scale, weight_scale", [(100.0, 1e4), (0.0, 1.0)])
 def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, query_scale, weight_scale):
     """The folded weights are scaled so that the largest is 2^14 before they become fp16: weights of ~1e5 (queries
