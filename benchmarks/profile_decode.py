@@ -114,14 +114,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
         "scores_resident": 4,
     },
     "scores folded on, one rank chunk, 4 stages": {"folded_scores": True, "rank_pad": 0, "scores_stages_tables": 4},
-    "scores folded on, stacked": {"folded_scores": True, "stacked_fold": True},  # (cos and sin tables side by side)
-    "scores folded on, stacked, one rank chunk": {"folded_scores": True, "stacked_fold": True, "rank_pad": 0},
-    "scores folded, stacked": {"stacked_fold": True},  # (quantized keys fold by default)
-    "scores folded, stacked, 2 stages, 4 resident": {
-        "stacked_fold": True,
-        "scores_stages_tables": 2,
-        "scores_resident": 4,
-    },
 }
 VALUES = {k: VARIANTS[k] for k in VARIANTS if k == "default" or k.startswith("values")}
 QUICK = {k: VARIANTS[k] for k in ("default", "keys dequantized per value")}

@@ -518,22 +518,10 @@ if triton is not None:
         )
 
     @triton.jit
-    def _stacked(fold_cos, fold_sin):
-        """A block's cos and sin weights (HALF, R) as one (2 HALF, R) operand, rows of each frequency side by side."""
-        both = tl.permute(tl.join(fold_cos, fold_sin), (0, 2, 1))
-        return tl.reshape(both, [2 * fold_cos.shape[0], fold_cos.shape[1]])
-
-    @triton.jit
-    def _stacked_folds(fold):
-        """`_stacked` of both blocks of a fold (cos and sin weights of two blocks): two operands, each given twice."""
-        a, b = _stacked(fold[0], fold[1]), _stacked(fold[2], fold[3])
-        return a, a, b, b
-
-    @triton.jit
     def _folded_setup(
         Q, W, RANKS, OFFSETS, CODEC, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr, SLOTS: tl.constexpr,
-        GROUP: tl.constexpr, ALIGN: tl.constexpr, JF: tl.constexpr,
+        GROUP: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         What the folded scores pass (G = 1) keeps of a KV head: its query folded into its up-projection as cos and
@@ -570,25 +558,19 @@ if triton is not None:
             f1, f2 = f0, f0
         scale = 16384.0 / tl.where(peak > 0, peak, 16384.0)
         folds = (_half_transposed(f0, scale), _half_transposed(f1, scale), _half_transposed(f2, scale))
-        if JF:  # (one product over cos and sin side by side)
-            folds = (_stacked_folds(folds[0]), _stacked_folds(folds[1]), _stacked_folds(folds[2]))
         return start, limit, codec, folds, 1.0 / scale
 
     @triton.jit
-    def _channel_weights(cos, sin, fold, which: tl.constexpr, JF: tl.constexpr):
+    def _channel_weights(cos, sin, fold, which: tl.constexpr):
         """Each token's weight of each channel of a block, (BT, R) fp32: its cos/sin tables times folded weights."""
-        if JF:  # `cos`: the tables side by side
-            weights = tl.dot(cos, fold[2 * which])
-        else:
-            weights = tl.dot(sin, fold[2 * which + 1], tl.dot(cos, fold[2 * which]))
-        return weights
+        return tl.dot(sin, fold[2 * which + 1], tl.dot(cos, fold[2 * which]))
 
     @triton.jit
-    def _slot_scores(codes, cos, sin, fold, JF: tl.constexpr):
+    def _slot_scores(codes, cos, sin, fold):
         """A scale group's share of the scores of a tile: its codes times their channel weights, times the scale."""
         even, odd, scale = codes
-        weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0, JF), 1)
-        weighted += tl.sum(odd * _channel_weights(cos, sin, fold, 1, JF), 1)
+        weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1)
+        weighted += tl.sum(odd * _channel_weights(cos, sin, fold, 1), 1)
         return weighted * tl.reshape(scale, [scale.shape[0]])
 
     @triton.jit
@@ -629,7 +611,7 @@ if triton is not None:
     @triton.jit
     def _folded_tile_scores(
         latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st,
-        R2: tl.constexpr, SLOTS: tl.constexpr, JF: tl.constexpr,
+        R2: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's one query head over a tile without rebuilding keys: the tile's fp16 cos/sin tables
@@ -638,18 +620,16 @@ if triton is not None:
         codes times them, times the group's scale).
         """
         _, _, _, folds, unscale = setup
-        if JF:
-            cos = tl.reshape(tl.join(cos, sin), [cos.shape[0], 2 * cos.shape[1]])
         if SLOTS > 0:
-            scores = _slot_scores(latents[0], cos, sin, folds[0], JF)
+            scores = _slot_scores(latents[0], cos, sin, folds[0])
             if SLOTS > 1:
-                scores += _slot_scores(latents[1], cos, sin, folds[1], JF)
+                scores += _slot_scores(latents[1], cos, sin, folds[1])
             if SLOTS > 2:
-                scores += _slot_scores(latents[2], cos, sin, folds[2], JF)
+                scores += _slot_scores(latents[2], cos, sin, folds[2])
         else:
-            scores = tl.sum(latents[0].to(tl.float32) * _channel_weights(cos, sin, folds[0], 0, JF), 1)
+            scores = tl.sum(latents[0].to(tl.float32) * _channel_weights(cos, sin, folds[0], 0), 1)
             if R2 > 0:
-                scores += tl.sum(latents[1].to(tl.float32) * _channel_weights(cos, sin, folds[0], 1, JF), 1)
+                scores += tl.sum(latents[1].to(tl.float32) * _channel_weights(cos, sin, folds[0], 1), 1)
         _store_scores(S, S + srow + head * stride_sh + t * stride_st, scores * unscale, keep, stored)
 
     @triton.jit
@@ -702,7 +682,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, JF: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -728,7 +708,7 @@ if triton is not None:
         if FOLD:
             setup0 = _folded_setup(
                 Q, W, RANKS, OFFSETS, CODEC, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
-                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN, JF,
+                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
             )  # fmt: skip
         else:
             setup0 = _head_setup(
@@ -809,7 +789,7 @@ if triton is not None:
                     ALIGN,
                 )  # fmt: skip
                 _folded_tile_scores(
-                    latents, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st, R2, SLOTS, JF
+                    latents, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st, R2, SLOTS
                 )
                 latents = following
             else:
@@ -1002,7 +982,6 @@ DEFAULT_CONFIG = {
     # H100, scores pass ms, MHA B16 / B1 64K: 4-bit 1.029 -> 0.912 / 0.138 -> 0.126 (graph, whole call, 1.687 ->
     # 1.559 ms at B16); bf16 slower, 0.906 -> 1.145 / 0.136 -> 0.156 (each tile is 4 small products (N = 32, 16) on
     # the same 16 KB of tables, against the unfolded pass's 2 wide ones)
-    "stacked_fold": False,  # folded pass: one product a block over the cos and sin tables side by side (K = 2 HALF)
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1312,7 +1291,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=slots, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma, FOLD=fold, JF=fold and bool(cfg["stacked_fold"]),
+        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma, FOLD=fold,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

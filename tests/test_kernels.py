@@ -475,30 +475,6 @@ def test_folded_scores(
     assert (folded - unfolded).norm() / unfolded.norm() < TOLERANCE[dtype] / 2
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("rank_pad", [16, 0])
-@pytest.mark.parametrize("batch, tokens, kv_heads, head_dim, k_ranks, v_rank, pad, rope_scale", FOLD_CASES[:2])
-def test_stacked_fold(
-    poisoned, scores_launches, dtype, rank_pad, batch, tokens, kv_heads, head_dim, k_ranks, v_rank, pad, rope_scale
-):
-    """The folded pass with `stacked_fold` (one product a block over the cos and sin tables side by side) equals the
-    reference and the folded pass with two products a block."""
-    case = make_case(batch, tokens, kv_heads, 1, head_dim, k_ranks, v_rank, pad=pad, rope_scale=rope_scale, seed=5)
-    expected = kernels.latent_decode_reference(**cast(case, torch.float64)).cpu()
-    inputs = cast(case, dtype)
-    tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], rope_scale, dtype)
-    config = {"folded_scores": True, "rank_pad": rank_pad}
-    results = [
-        kernels.latent_decode_attention(**inputs, tables=tables, config={**config, "stacked_fold": stacked})
-        for stacked in (True, False)
-    ]
-    assert [(launch["FOLD"], launch["JF"]) for launch in scores_launches] == [(True, True), (True, False)]
-    stacked, plain = (r.cpu().double() for r in results)
-    assert not torch.isnan(stacked).any()
-    assert (stacked - expected).norm() / expected.norm() < TOLERANCE[dtype]
-    assert (stacked - plain).norm() / plain.norm() < 1e-3
-
-
 @pytest.mark.parametrize("query_scale, weight_scale", [(100.0, 1e4), (0.0, 1.0)])
 def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, query_scale, weight_scale):
     """The folded weights are scaled so that the largest is 2^14 before they become fp16: weights of ~1e5 (queries
@@ -546,13 +522,11 @@ def test_folded_scores_only_where_they_apply(scores_launches):
         ([64, 9], [10, 9], 64, 33, {}),  # a head of three groups (8-bit, then 32 + 22 4-bit) beside an 8-bit one
     ],
 )
-@pytest.mark.parametrize("stacked", [False, True])
-def test_folded_scores_of_quantized_keys(scores_launches, dtype, k_ranks, k_n8, v_rank, v_n8, extras, stacked):
+def test_folded_scores_of_quantized_keys(scores_launches, dtype, k_ranks, k_n8, v_rank, v_n8, extras):
     """Quantized keys (G = 1, read per scale group) fold too: per group, the codes times their channel weights,
     times the token's scale, equal the reference on the decoded rows."""
-    config = {"rope_table": True, "stacked_fold": stacked}
-    check_quantized(dtype, 1, k_ranks, k_n8, v_rank, v_n8, 32, extras, config=config)
-    assert [(launch["FOLD"], launch["JF"]) for launch in scores_launches] == [(True, stacked)]
+    check_quantized(dtype, 1, k_ranks, k_n8, v_rank, v_n8, 32, extras, config={"rope_table": True})
+    assert [launch["FOLD"] for launch in scores_launches] == [True]
 
 
 def test_tma_loads_only_where_aligned(scores_launches, values_launches):
