@@ -691,9 +691,9 @@ if triton is not None:
         strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         TMA (16-bit aligned latents with RoPE tables): ZK / ZK2 are descriptors of the latents' R1 / R2 column chunks
         and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
-        FOLD (G = 1, HPP = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or k-norm):
-        keys are never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
-        (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored.
+        FOLD (G = 1, HPP = 1 or 2, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or
+        k-norm): keys are never rebuilt; the query is folded into the up-projection and the tables are multiplied by
+        it (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -715,7 +715,12 @@ if triton is not None:
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
                 G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
             )  # fmt: skip
-        if HPP > 1:
+        if HPP > 1 and FOLD:
+            setup1 = _folded_setup(
+                Q, W, RANKS, OFFSETS, CODEC, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
+                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
+            )  # fmt: skip
+        elif HPP > 1:
             setup1 = _head_setup(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
                 G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
@@ -741,6 +746,10 @@ if triton is not None:
             latents = _folded_latents(
                 zk, first, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
             )
+            if HPP > 1:
+                latents1 = _folded_latents(
+                    zk, first, T, b, stride_zb, stride_zt, setup1, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
+                )
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
@@ -792,13 +801,23 @@ if triton is not None:
                     latents, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st, R2, SLOTS
                 )
                 latents = following
+                if HPP > 1:  # (the tile's tables shared)
+                    following = _folded_latents(
+                        zk, tile + 1, T, b, stride_zb, stride_zt, setup1, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8,
+                        HAS4, ALIGN,
+                    )  # fmt: skip
+                    _folded_tile_scores(
+                        latents1, keep, stored, S, srow, t, head0 + 1, setup1, cos, sin, stride_sh, stride_st, R2,
+                        SLOTS,
+                    )  # fmt: skip
+                    latents1 = following
             else:
                 _head_tile_scores(
                     zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
                     SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
-            if HPP > 1:
+            if HPP > 1 and not FOLD:
                 _head_tile_scores(
                     zk, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
@@ -964,7 +983,10 @@ DEFAULT_CONFIG = {
     "values_stages": 3,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
-    "heads_per_program": 1,  # KV heads per program of the scores pass (1, 2 or 4): share RoPE, keep weights
+    "heads_per_program": "auto",  # KV heads per program of the scores pass (1, 2 or 4; the folded pass 1 or 2):
+    # they share each tile's RoPE tables, each keeps its weights. auto: 2 for the folded pass of quantized keys (H100,
+    # 4-bit MHA scores pass B16 0.918 -> 0.799 ms, B1 64K 0.126 -> 0.113), else 1 (the unfolded pass's weights then
+    # need more registers than the shared tables save: GQA B16 0.352 -> 0.398, MHA 1.304 -> 1.310)
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
@@ -1245,11 +1267,15 @@ def latent_decode_attention(
         cos_t, sin_t = tables if tables is not None else rope_tables(positions, inv_freq, rope_scale, query.dtype)
         rope_scale = 1.0  # already in the tables
 
-    hpp = max(n for n in (1, 2, 4) if n <= cfg["heads_per_program"] and num_kv_heads % n == 0)
     slots = _key_slots(k_codec, cfg["grouped_keys"]) if quant else 0
     fold = quant if cfg["folded_scores"] == "auto" else bool(cfg["folded_scores"])
-    fold = fold and groups == 1 and use_table and (slots > 0 or not quant) and hpp == 1
+    fold = fold and groups == 1 and use_table and (slots > 0 or not quant)
     fold = fold and k_bias is None and k_norm is None and cos_t.dtype == torch.float16
+    hpp = cfg["heads_per_program"]
+    if hpp == "auto":  # two KV heads a program for folded quantized keys (each tile's tables read once for both)
+        hpp = 2 if fold and quant else 1
+    hpp = max(n for n in (1, 2, 4) if n <= hpp and num_kv_heads % n == 0)
+    fold = fold and hpp <= 2
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
         resident=cfg["scores_resident"],

@@ -475,6 +475,20 @@ def test_folded_scores(
     assert (folded - unfolded).norm() / unfolded.norm() < TOLERANCE[dtype] / 2
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("quantized", [False, True])
+def test_folded_scores_two_heads_a_program(poisoned, scores_launches, dtype, quantized):
+    """The folded pass with two KV heads a program (each tile's tables read once for both) equals the reference, for
+    16-bit latents (rank chunks 32 + 16, left padding) and quantized keys (mixed 8/4-bit heads)."""
+    config = {"folded_scores": True, "heads_per_program": 2, "rope_table": True}
+    if quantized:
+        check_quantized(dtype, 1, [38, 40, 32, 9], [8, 16, 0, 9], 96, 32, 32, {"pad": 5}, config=config)
+    else:
+        case = make_case(3, 130, 4, 1, 128, [38, 17, 5, 36], 130, pad=5, seed=5)
+        check(case, dtype, config)
+    assert [(launch["FOLD"], launch["HPP"]) for launch in scores_launches] == [(True, 2)]
+
+
 @pytest.mark.parametrize("query_scale, weight_scale", [(100.0, 1e4), (0.0, 1.0)])
 def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, query_scale, weight_scale):
     """The folded weights are scaled so that the largest is 2^14 before they become fp16: weights of ~1e5 (queries
@@ -493,7 +507,8 @@ def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, qu
 
 
 def test_folded_scores_only_where_they_apply(scores_launches):
-    """Folding needs one query head per KV head, RoPE tables (16-bit inputs) and no key bias or k-norm; by default
+    """Folding needs one query head per KV head, RoPE tables (16-bit inputs), no key bias or k-norm and at most two
+    KV heads a program; by default
     ("auto") it is taken for quantized latents only (for 16-bit ones it was slower on the H100)."""
     on = {"folded_scores": True}
     cases = [  # (make_case's G and extras, dtype, with tables, settings), whether it folds
@@ -504,10 +519,11 @@ def test_folded_scores_only_where_they_apply(scores_launches):
         ((1, {"norm": True}), torch.float16, True, on, False),
         ((1, {}), torch.float16, False, on, False),
         ((1, {}), torch.float32, True, on, False),
-        ((1, {}), torch.float16, True, {"folded_scores": True, "heads_per_program": 2}, False),
+        ((1, {}), torch.float16, True, {"folded_scores": True, "heads_per_program": 2}, True),
+        ((1, {}), torch.float16, True, {"folded_scores": True, "heads_per_program": 4}, False),
     ]
     for (groups, extras), dtype, with_tables, config, _ in cases:
-        inputs = cast(make_case(1, 20, 2, groups, 64, [13, 38], 20, **extras), dtype)
+        inputs = cast(make_case(1, 20, 4, groups, 64, [13, 38, 9, 30], 20, **extras), dtype)
         tables = kernels.rope_tables(inputs["positions"], inputs["inv_freq"], 1.0, dtype) if with_tables else None
         kernels.latent_decode_attention(**inputs, tables=tables, config=config)
     assert [launch["FOLD"] for launch in scores_launches] == [case[-1] for case in cases]
