@@ -18,7 +18,8 @@ value latents `z_v`, flash-decoding style (the context is split over programs, t
    quantized keys, keys are never rebuilt (`folded_scores`; on the H100 it pays for 4-bit codes, not for bf16
    latents): the query is folded into the up-projection once per program, as cos and sin weights of each latent
    channel, and per tile the fp16 tables times those weights (tensor cores) give each token's weight of each
-   channel; the score is the codes' weighted sum, times their scales.
+   channel; the score is the codes' weighted sum, times their scales. Two KV heads share a program there (each tile's
+   tables read once for both; the folded weights are small enough to keep both heads' on the chip).
 2. `_values_kernel`, one program per (value-rank block, context split, sequence): an online softmax over the scores
    of every query head at once and the weighted sum of the value latents, so `z_v` is read once for all heads.
 3. `_merge_kernel`, one program per (value-rank block, query head, sequence), combines the splits; the aggregated
