@@ -634,6 +634,19 @@ if triton is not None:
         _store_scores(S, S + srow + head * stride_sh + t * stride_st, scores * unscale, keep, stored)
 
     @triton.jit
+    def _folded_step(
+        zk, latents, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh,
+        stride_st, BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
+        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """One head's folded scores of a tile from its `latents`; returns the next tile's, loaded meanwhile."""
+        following = _folded_latents(
+            zk, tile + 1, T, b, stride_zb, stride_zt, setup, BT, R1, R2, TMA, SLOTS, HG, HAS8, HAS4, ALIGN
+        )
+        _folded_tile_scores(latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st, R2, SLOTS)
+        return following
+
+    @triton.jit
     def _store_scores(S, ptrs, scores, keep, mask):
         """Scores to the buffer, -inf where not `keep`."""
         if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
@@ -672,6 +685,26 @@ if triton is not None:
         _store_scores(S, ptrs, scores, keep[:, None], stored[:, None] & (g[None, :] < G))
 
     @triton.jit
+    def _program_head(
+        Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g, scaling,
+        G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, ALIGN: tl.constexpr,
+        JOINED: tl.constexpr, FOLD: tl.constexpr,
+    ):  # fmt: skip
+        """What a scores program keeps of one of its KV heads: `_folded_setup`'s (FOLD) or `_head_setup`'s."""
+        if FOLD:
+            setup = _folded_setup(
+                Q, W, RANKS, OFFSETS, CODEC, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
+                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
+            )  # fmt: skip
+        else:
+            setup = _head_setup(
+                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
+                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+            )  # fmt: skip
+        return setup
+
+    @triton.jit
     def _scores_kernel(
         Q, ZK, ZK2, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
         T, TP, tiles_per_split, row_len,
@@ -692,7 +725,7 @@ if triton is not None:
         strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         TMA (16-bit aligned latents with RoPE tables): ZK / ZK2 are descriptors of the latents' R1 / R2 column chunks
         and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
-        FOLD (G = 1, HPP = 1 or 2, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or
+        FOLD (G = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or
         k-norm): keys are never rebuilt; the query is folded into the up-projection and the tables are multiplied by
         it (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored.
         """
@@ -706,34 +739,23 @@ if triton is not None:
         dims = tl.arange(0, HALF)
         g = tl.arange(0, GP)
         i = tl.arange(0, BT)
-        if FOLD:
-            setup0 = _folded_setup(
-                Q, W, RANKS, OFFSETS, CODEC, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
-                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
-            )  # fmt: skip
-        else:
-            setup0 = _head_setup(
-                Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
-            )  # fmt: skip
-        if HPP > 1 and FOLD:
-            setup1 = _folded_setup(
-                Q, W, RANKS, OFFSETS, CODEC, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
-                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
-            )  # fmt: skip
-        elif HPP > 1:
-            setup1 = _head_setup(
+        setup0 = _program_head(
+            Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0, b, stride_qb, stride_qh, stride_wd, row_len, dims, g, scaling,
+            G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD,
+        )  # fmt: skip
+        if HPP > 1:
+            setup1 = _program_head(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 1, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+                scaling, G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD,
             )  # fmt: skip
         if HPP > 2:
-            setup2 = _head_setup(
+            setup2 = _program_head(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 2, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+                scaling, G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD,
             )  # fmt: skip
-            setup3 = _head_setup(
+            setup3 = _program_head(
                 Q, W, RANKS, OFFSETS, CODEC, KBIAS, head0 + 3, b, stride_qb, stride_qh, stride_wd, row_len, dims, g,
-                G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED,
+                scaling, G, HALF, R1, R2, ALIGNED, HAS_BIAS, QUANT, GROUP, SLOTS, ALIGN, JOINED, FOLD,
             )  # fmt: skip
         inv_freq = tl.load(INVF + dims)
         if not EXACT_ROPE and not ROPE_TABLE:
@@ -744,12 +766,19 @@ if triton is not None:
         zk = (ZK, ZK2) if TMA else ZK
         first = split * tiles_per_split
         if FOLD:
-            latents = _folded_latents(
+            latents0 = _folded_latents(
                 zk, first, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
             )
             if HPP > 1:
                 latents1 = _folded_latents(
                     zk, first, T, b, stride_zb, stride_zt, setup1, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
+                )
+            if HPP > 2:
+                latents2 = _folded_latents(
+                    zk, first, T, b, stride_zb, stride_zt, setup2, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
+                )
+                latents3 = _folded_latents(
+                    zk, first, T, b, stride_zb, stride_zt, setup3, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
                 )
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
@@ -793,48 +822,48 @@ if triton is not None:
             if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
-            if FOLD:
-                following = _folded_latents(
-                    zk, tile + 1, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4,
-                    ALIGN,
+            if FOLD:  # (the HPP heads share the tile's tables)
+                latents0 = _folded_step(
+                    zk, latents0, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0, setup0, cos, sin,
+                    stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
                 )  # fmt: skip
-                _folded_tile_scores(
-                    latents, keep, stored, S, srow, t, head0, setup0, cos, sin, stride_sh, stride_st, R2, SLOTS
-                )
-                latents = following
-                if HPP > 1:  # (the tile's tables shared)
-                    following = _folded_latents(
-                        zk, tile + 1, T, b, stride_zb, stride_zt, setup1, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8,
-                        HAS4, ALIGN,
+                if HPP > 1:
+                    latents1 = _folded_step(
+                        zk, latents1, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0 + 1, setup1,
+                        cos, sin, stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
                     )  # fmt: skip
-                    _folded_tile_scores(
-                        latents1, keep, stored, S, srow, t, head0 + 1, setup1, cos, sin, stride_sh, stride_st, R2,
-                        SLOTS,
+                if HPP > 2:
+                    latents2 = _folded_step(
+                        zk, latents2, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0 + 2, setup2,
+                        cos, sin, stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
                     )  # fmt: skip
-                    latents1 = following
+                    latents3 = _folded_step(
+                        zk, latents3, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0 + 3, setup3,
+                        cos, sin, stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
+                    )  # fmt: skip
             else:
                 _head_tile_scores(
                     zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
                     scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
                     SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
-            if HPP > 1 and not FOLD:
-                _head_tile_scores(
-                    zk, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, TMA,
-                )  # fmt: skip
-            if HPP > 2:
-                _head_tile_scores(
-                    zk, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, TMA,
-                )  # fmt: skip
-                _head_tile_scores(
-                    zk, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, TMA,
-                )  # fmt: skip
+                if HPP > 1:
+                    _head_tile_scores(
+                        zk, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos,
+                        sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT,
+                        GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                    )  # fmt: skip
+                if HPP > 2:
+                    _head_tile_scores(
+                        zk, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos,
+                        sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT,
+                        GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                    )  # fmt: skip
+                    _head_tile_scores(
+                        zk, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos,
+                        sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT,
+                        GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                    )  # fmt: skip
 
     @triton.jit
     def _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT: tl.constexpr):
@@ -984,10 +1013,11 @@ DEFAULT_CONFIG = {
     "values_stages": 3,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
-    "heads_per_program": "auto",  # KV heads per program of the scores pass (1, 2 or 4; the folded pass 1 or 2):
+    "heads_per_program": "auto",  # KV heads per program of the scores pass (1, 2 or 4):
     # they share each tile's RoPE tables, each keeps its weights. auto: 2 for the folded pass of quantized keys (H100,
     # 4-bit MHA scores pass B16 0.918 -> 0.799 ms, B1 64K 0.126 -> 0.113), else 1 (the unfolded pass's weights then
-    # need more registers than the shared tables save: GQA B16 0.352 -> 0.398, MHA 1.304 -> 1.310)
+    # need more registers than the shared tables save: GQA B16 0.352 -> 0.398, MHA 1.304 -> 1.310). The folded pass
+    # with 4 (not timed): 243 registers, 2 programs a multiprocessor (`sass_report.py`; 128 and 3 with 2)
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
@@ -1276,7 +1306,6 @@ def latent_decode_attention(
     if hpp == "auto":  # two KV heads a program for folded quantized keys (each tile's tables read once for both)
         hpp = 2 if fold and quant else 1
     hpp = max(n for n in (1, 2, 4) if n <= hpp and num_kv_heads % n == 0)
-    fold = fold and hpp <= 2
     _, per_split = _splits(
         tiles, batch * num_kv_heads // hpp, device, cfg["scores_programs_per_sm"], *cfg["scores_fewer_splits"],
         resident=cfg["scores_resident"],

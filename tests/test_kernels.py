@@ -477,16 +477,17 @@ def test_folded_scores(
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("quantized", [False, True])
-def test_folded_scores_two_heads_a_program(poisoned, scores_launches, dtype, quantized):
-    """The folded pass with two KV heads a program (each tile's tables read once for both) equals the reference, for
-    16-bit latents (rank chunks 32 + 16, left padding) and quantized keys (mixed 8/4-bit heads)."""
-    config = {"folded_scores": True, "heads_per_program": 2, "rope_table": True}
+@pytest.mark.parametrize("heads", [2, 4])
+def test_folded_scores_heads_a_program(poisoned, scores_launches, dtype, quantized, heads):
+    """The folded pass with two or four KV heads a program (each tile's tables read once for all of them) equals the
+    reference, for 16-bit latents (rank chunks 32 + 16, left padding) and quantized keys (mixed 8/4-bit heads)."""
+    config = {"folded_scores": True, "heads_per_program": heads, "rope_table": True}
     if quantized:
         check_quantized(dtype, 1, [38, 40, 32, 9], [8, 16, 0, 9], 96, 32, 32, {"pad": 5}, config=config)
     else:
         case = make_case(3, 130, 4, 1, 128, [38, 17, 5, 36], 130, pad=5, seed=5)
         check(case, dtype, config)
-    assert [(launch["FOLD"], launch["HPP"]) for launch in scores_launches] == [(True, 2)]
+    assert [(launch["FOLD"], launch["HPP"]) for launch in scores_launches] == [(True, heads)]
 
 
 @pytest.mark.parametrize("query_scale, weight_scale", [(100.0, 1e4), (0.0, 1.0)])
@@ -507,8 +508,7 @@ def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, qu
 
 
 def test_folded_scores_only_where_they_apply(scores_launches):
-    """Folding needs one query head per KV head, RoPE tables (16-bit inputs), no key bias or k-norm and at most two
-    KV heads a program; by default
+    """Folding needs one query head per KV head, RoPE tables (16-bit inputs) and no key bias or k-norm; by default
     ("auto") it is taken for quantized latents only (for 16-bit ones it was slower on the H100)."""
     on = {"folded_scores": True}
     cases = [  # (make_case's G and extras, dtype, with tables, settings), whether it folds
@@ -520,7 +520,7 @@ def test_folded_scores_only_where_they_apply(scores_launches):
         ((1, {}), torch.float16, False, on, False),
         ((1, {}), torch.float32, True, on, False),
         ((1, {}), torch.float16, True, {"folded_scores": True, "heads_per_program": 2}, True),
-        ((1, {}), torch.float16, True, {"folded_scores": True, "heads_per_program": 4}, False),
+        ((1, {}), torch.float16, True, {"folded_scores": True, "heads_per_program": 4}, True),
     ]
     for (groups, extras), dtype, with_tables, config, _ in cases:
         inputs = cast(make_case(1, 20, 4, groups, 64, [13, 38, 9, 30], 20, **extras), dtype)
