@@ -1034,7 +1034,8 @@ DEFAULT_CONFIG = {
     # the up-projection, the tables times that (tensor cores) weight each latent channel. auto: quantized keys only.
     # H100, scores pass ms, MHA B16 / B1 64K: 4-bit 1.029 -> 0.912 / 0.138 -> 0.126 (graph, whole call, 1.687 ->
     # 1.559 ms at B16); bf16 slower, 0.906 -> 1.145 / 0.136 -> 0.156 (each tile is 4 small products (N = 32, 16) on
-    # the same 16 KB of tables, against the unfolded pass's 2 wide ones)
+    # the same 16 KB of tables, against the unfolded pass's 2 wide ones; with one rank chunk, 2 products of N = 64,
+    # 1.016 / 0.139; with two KV heads a program 1.118 / 0.170)
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
