@@ -93,6 +93,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores TMA, 4 stages": {"scores_tma": True, "scores_stages_tables": 4},
     "scores TMA, 2 KV heads a program": {"scores_tma": True, "heads_per_program": 2},
     "values TMA": {"values_tma": True},  # (scores and value latents by TMA descriptors)
+    "values pairs apart": {"values_pairs_apart": True},  # (quantized: even and odd channels in products of their own)
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
     # for quantized keys only: with 16-bit latents "default" and "unfolded" are the same pass)
     "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)

@@ -890,15 +890,21 @@ if triton is not None:
     def _value_tile(
         ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, DTYPE: tl.constexpr,
         RVB: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr,
-        HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        HAS4: tl.constexpr, ALIGN: tl.constexpr, APART: tl.constexpr,
     ):  # fmt: skip
-        """A tile's value latents, columns `rv` (BT, RVB), by pointers: 16-bit, or dequantized from the codec's rows."""
+        """
+        A tile's value latents, columns `rv` (BT, RVB), by pointers: 16-bit, or dequantized from the codec's rows; per
+        scale group (GROUPS > 0), with APART the even and the odd channels apart, (BT, RVB / 2) each.
+        """
         if GROUPS > 0:
             even, odd = _group_latents(
                 ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales,
                 tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, DTYPE, HAS8, HAS4, ALIGN,
             )  # fmt: skip
-            z = tl.reshape(tl.join(even, odd), [row.shape[0], RVB])  # channel order: group, pair, even/odd
+            if APART:
+                z = tl.reshape(even, [row.shape[0], RVB // 2]), tl.reshape(odd, [row.shape[0], RVB // 2])
+            else:
+                z = tl.reshape(tl.join(even, odd), [row.shape[0], RVB])  # channel order: group, pair, even/odd
         elif QUANT:
             z = _dequantized(ZV, row, in_range, rv, v_rank, (v_n8, 0, v_scales, v_size), GROUP, DTYPE)
         else:
@@ -912,32 +918,42 @@ if triton is not None:
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-        TMA: tl.constexpr,
+        TMA: tl.constexpr, APART: tl.constexpr,
     ):  # fmt: skip
         """
         TMA (16-bit latents): S and ZV are descriptors of the (sequence, head, token) scores and the (sequence, token,
         column) latents, with blocks of one sequence's HP heads x BT tokens and BT tokens x RVB columns.
         QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits; codes from byte 0,
         v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
-        group, the program's RVB = GROUPS * GROUP columns being its groups'. ALIGN divides the row strides, v_n8 and
+        group, the program's RVB = GROUPS * GROUP columns being its groups' (APART: even and odd channels multiplied
+        and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and
         v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to.
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         h = tl.arange(0, HP)
-        if GROUPS > 0:
+        if APART:  # (the even and the odd channels of the program's groups apart)
+            _, base, end = _slot(block * GROUPS + tl.arange(0, GROUPS), v_rank, v_n8, GROUP // 2)
+            rv = base[:, None] + 2 * tl.arange(0, GROUP // 2)[None, :]
+            rv_ok = tl.reshape(rv < end[:, None], [RVB // 2])
+            rv_odd_ok = tl.reshape(rv + 1 < end[:, None], [RVB // 2])
+            rv = tl.reshape(rv, [RVB // 2])
+            acc_odd = tl.zeros([HP, RVB // 2], tl.float32)
+            acc = tl.zeros([HP, RVB // 2], tl.float32)
+        elif GROUPS > 0:
             _, base, end = _slot(block * GROUPS + tl.arange(0, GROUPS), v_rank, v_n8, GROUP // 2)
             rv = base[:, None] + tl.arange(0, GROUP)[None, :]
             rv_ok = tl.reshape(rv < end[:, None], [RVB])
             rv = tl.reshape(rv, [RVB])
+            acc = tl.zeros([HP, RVB], tl.float32)
         else:
             rv = block * RVB + tl.arange(0, RVB)
             rv_ok = rv < v_rank
+            acc = tl.zeros([HP, RVB], tl.float32)
         head_ok = h < num_heads
         m_i = tl.full([HP], float("-inf"), tl.float32)
         l_i = tl.zeros([HP], tl.float32)
-        acc = tl.zeros([HP, RVB], tl.float32)
         first = split * tiles_per_split
         for tile in range(first, first + tiles_per_split):
             if TMA:  # (heads past num_heads read 0, not -inf: their rows are never stored)
@@ -948,15 +964,19 @@ if triton is not None:
                 t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
                 z = _value_tile(
                     ZV, b * stride_zb + t * stride_zt, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size,
-                    LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN,
+                    LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN, APART,
                 )  # fmt: skip
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None], input_precision=PRECISION)
-        tl.store(
-            ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :],
-            acc,
-            mask=head_ok[:, None] & rv_ok[None, :],
-        )
+            if APART:
+                p = p.to(z[0].dtype)
+                acc = tl.dot(p, z[0], acc * alpha[:, None], input_precision=PRECISION)
+                acc_odd = tl.dot(p, z[1], acc_odd * alpha[:, None], input_precision=PRECISION)
+            else:
+                acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None], input_precision=PRECISION)
+        out = ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :]
+        tl.store(out, acc, mask=head_ok[:, None] & rv_ok[None, :])
+        if APART:
+            tl.store(out + 1, acc_odd, mask=head_ok[:, None] & rv_odd_ok[None, :])
         if block == 0:
             tl.store(MAX + b * stride_mb + split * stride_ms + h, m_i, mask=head_ok)
             tl.store(SUM + b * stride_mb + split * stride_ms + h, l_i, mask=head_ok)
@@ -1036,6 +1056,9 @@ DEFAULT_CONFIG = {
     # 1.559 ms at B16); bf16 slower, 0.906 -> 1.145 / 0.136 -> 0.156 (each tile is 4 small products (N = 32, 16) on
     # the same 16 KB of tables, against the unfolded pass's 2 wide ones; with one rank chunk, 2 products of N = 64,
     # 1.016 / 0.139; with two KV heads a program 1.118 / 0.170)
+    "values_pairs_apart": False,  # quantized values by scale group: even and odd channels in products of their own,
+    # never interleaved per tile (sass_report, 4-bit MHA B16: 469 loop instructions against 571, but I2F where I2FP
+    # was; GQA B16: 1070 and 249 registers against 633 and 150). Not timed yet
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1383,7 +1406,7 @@ def latent_decode_attention(
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
-        GROUPS=groups_per_program, **v_flags, TMA=values_tma,
+        GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and bool(cfg["values_pairs_apart"]),
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)

@@ -632,6 +632,15 @@ def test_quantized_rows_at_odd_bytes_are_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [0, 3, 4, 9])
+def test_quantized_value_pairs_apart(poisoned, values_launches, dtype, case):
+    """The values pass by scale group with even and odd channels multiplied and accumulated apart
+    (`values_pairs_apart`): odd 4-bit parts, blocks of 128 columns, three groups a block, 8-byte aligned rows."""
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"values_pairs_apart": True})
+    assert [launch["APART"] for launch in values_launches] == [True]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [1, 3])
 def test_quantized_values_dequantized_per_value(poisoned, dtype, case):
     """The values pass that dequantizes per value (`grouped_values` off), on groups of 32."""
