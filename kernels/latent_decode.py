@@ -725,9 +725,10 @@ if triton is not None:
         strides, code bytes and n8 (loads of whole words); HAS8 / HAS4: whether 8-bit / 4-bit groups occur.
         TMA (16-bit aligned latents with RoPE tables): ZK / ZK2 are descriptors of the latents' R1 / R2 column chunks
         and COS / SIN of the tables, each (sequence, token, column) with blocks of one sequence's BT tokens.
-        FOLD (G = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or
-        k-norm): keys are never rebuilt; the query is folded into the up-projection and the tables are multiplied by
-        it (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored.
+        FOLD (G = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or k-norm): keys are
+        never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
+        (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored; the HPP heads share the
+        tile's tables.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -926,31 +927,28 @@ if triton is not None:
         QUANT: the value latents are the codec's uint8 rows (v_n8 leading channels in 8 bits; codes from byte 0,
         v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
         group, the program's RVB = GROUPS * GROUP columns being its groups' (APART: even and odd channels multiplied
-        and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and
-        v_size; HAS8 / HAS4: whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to.
+        and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and v_size; HAS8 / HAS4:
+        whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to.
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         h = tl.arange(0, HP)
-        if APART:  # (the even and the odd channels of the program's groups apart)
+        if GROUPS > 0:
             _, base, end = _slot(block * GROUPS + tl.arange(0, GROUPS), v_rank, v_n8, GROUP // 2)
-            rv = base[:, None] + 2 * tl.arange(0, GROUP // 2)[None, :]
-            rv_ok = tl.reshape(rv < end[:, None], [RVB // 2])
-            rv_odd_ok = tl.reshape(rv + 1 < end[:, None], [RVB // 2])
-            rv = tl.reshape(rv, [RVB // 2])
-            acc_odd = tl.zeros([HP, RVB // 2], tl.float32)
-            acc = tl.zeros([HP, RVB // 2], tl.float32)
-        elif GROUPS > 0:
-            _, base, end = _slot(block * GROUPS + tl.arange(0, GROUPS), v_rank, v_n8, GROUP // 2)
-            rv = base[:, None] + tl.arange(0, GROUP)[None, :]
-            rv_ok = tl.reshape(rv < end[:, None], [RVB])
-            rv = tl.reshape(rv, [RVB])
-            acc = tl.zeros([HP, RVB], tl.float32)
+            if APART:  # the even channels (the odd ones next to them)
+                rv = base[:, None] + 2 * tl.arange(0, GROUP // 2)[None, :]
+                rv_odd_ok = tl.reshape(rv + 1 < end[:, None], [RVB // 2])
+            else:
+                rv = base[:, None] + tl.arange(0, GROUP)[None, :]
+            rv_ok = tl.reshape(rv < end[:, None], [rv.shape[0] * rv.shape[1]])
+            rv = tl.reshape(rv, [rv.shape[0] * rv.shape[1]])
         else:
             rv = block * RVB + tl.arange(0, RVB)
             rv_ok = rv < v_rank
-            acc = tl.zeros([HP, RVB], tl.float32)
+        acc = tl.zeros([HP, rv.shape[0]], tl.float32)
+        if APART:
+            acc_odd = tl.zeros([HP, rv.shape[0]], tl.float32)
         head_ok = h < num_heads
         m_i = tl.full([HP], float("-inf"), tl.float32)
         l_i = tl.zeros([HP], tl.float32)
@@ -1033,8 +1031,8 @@ DEFAULT_CONFIG = {
     "values_stages": 3,
     "token_major_scores": False,  # scores buffer as (B, T, Hq) instead of (B, Hq, T)
     "rope_table": False,  # compute rope_tables() here when the caller passes none (costs more than angle addition)
-    "heads_per_program": "auto",  # KV heads per program of the scores pass (1, 2 or 4):
-    # they share each tile's RoPE tables, each keeps its weights. auto: 2 for the folded pass of quantized keys (H100,
+    "heads_per_program": "auto",  # KV heads per program of the scores pass (1, 2 or 4), sharing each tile's RoPE
+    # tables, each keeping its weights. auto: 2 for the folded pass of quantized keys (H100,
     # 4-bit MHA scores pass B16 0.918 -> 0.799 ms, B1 64K 0.126 -> 0.113), else 1 (the unfolded pass's weights then
     # need more registers than the shared tables save: GQA B16 0.352 -> 0.398, MHA 1.304 -> 1.310). The folded pass
     # with 4 (not timed): 243 registers, 2 programs a multiprocessor (`sass_report.py`; 128 and 3 with 2)
