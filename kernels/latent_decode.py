@@ -635,13 +635,17 @@ if triton is not None:
 
     @triton.jit
     def _folded_step(
-        zk, latents, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh,
-        stride_st, BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
-        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        tile_args, latents, head, setup,
+        BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
+        GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
-        """One head's folded scores of a tile from its `latents`; returns the next tile's, loaded meanwhile."""
+        """
+        One head's folded scores of a tile from its `latents`; returns the next tile's, loaded meanwhile. `tile_args`:
+        what every head of the program shares for the tile (latents, tile, scores buffer, masks, tables, strides).
+        """
+        zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st = tile_args
         following = _folded_latents(
-            zk, tile + 1, T, b, stride_zb, stride_zt, setup, BT, R1, R2, TMA, SLOTS, HG, HAS8, HAS4, ALIGN
+            zk, tile + 1, T, b, stride_zb, stride_zt, setup, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
         )
         _folded_tile_scores(latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st, R2, SLOTS)
         return following
@@ -658,8 +662,7 @@ if triton is not None:
 
     @triton.jit
     def _head_tile_scores(
-        ZK, zrow, in_range, keep, stored, S, srow, t, head, g, setup, norm_lo, norm_hi, eps, cos, sin, scaling,
-        stride_sh, stride_st,
+        tile_args, head, g, setup,
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
         HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
@@ -667,8 +670,12 @@ if triton is not None:
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
         tile's `stored` tokens: all of them, as the buffer is padded to whole tiles (masks constant over 16 tokens let
-        the stores vectorize).
+        the stores vectorize). `tile_args`: what every head of the program shares for the tile (latents, masks,
+        scores buffer, k-norm weights, tables, scale, strides).
         """
+        ZK, zrow, in_range, keep, stored, S, srow, t, norm_lo, norm_hi, eps, cos, sin, scaling, stride_sh, stride_st = (
+            tile_args
+        )
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
@@ -824,46 +831,45 @@ if triton is not None:
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
             if FOLD:  # (the HPP heads share the tile's tables)
-                latents0 = _folded_step(
-                    zk, latents0, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0, setup0, cos, sin,
-                    stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
+                shared = (
+                    zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st
                 )  # fmt: skip
+                latents0 = _folded_step(
+                    shared, latents0, head0, setup0, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                )
                 if HPP > 1:
                     latents1 = _folded_step(
-                        zk, latents1, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0 + 1, setup1,
-                        cos, sin, stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
-                    )  # fmt: skip
+                        shared, latents1, head0 + 1, setup1, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                    )
                 if HPP > 2:
                     latents2 = _folded_step(
-                        zk, latents2, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0 + 2, setup2,
-                        cos, sin, stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
-                    )  # fmt: skip
+                        shared, latents2, head0 + 2, setup2, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                    )
                     latents3 = _folded_step(
-                        zk, latents3, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, head0 + 3, setup3,
-                        cos, sin, stride_sh, stride_st, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN,
-                    )  # fmt: skip
+                        shared, latents3, head0 + 3, setup3, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                    )
             else:
+                shared = (
+                    zk, zrow, in_range, keep, stored, S, srow, t, norm_lo, norm_hi, eps, cos, sin, scaling, stride_sh,
+                    stride_st,
+                )  # fmt: skip
                 _head_tile_scores(
-                    zk, zrow, in_range, keep, stored, S, srow, t, head0, g, setup0, norm_lo, norm_hi, eps, cos, sin,
-                    scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                    SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                    shared, head0, g, setup0, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
+                    HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
                 if HPP > 1:
                     _head_tile_scores(
-                        zk, zrow, in_range, keep, stored, S, srow, t, head0 + 1, g, setup1, norm_lo, norm_hi, eps, cos,
-                        sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT,
-                        GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                        shared, head0 + 1, g, setup1, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                     )  # fmt: skip
                 if HPP > 2:
                     _head_tile_scores(
-                        zk, zrow, in_range, keep, stored, S, srow, t, head0 + 2, g, setup2, norm_lo, norm_hi, eps, cos,
-                        sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT,
-                        GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                        shared, head0 + 2, g, setup2, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                     )  # fmt: skip
                     _head_tile_scores(
-                        zk, zrow, in_range, keep, stored, S, srow, t, head0 + 3, g, setup3, norm_lo, norm_hi, eps, cos,
-                        sin, scaling, stride_sh, stride_st, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT,
-                        GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                        shared, head0 + 3, g, setup3, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                     )  # fmt: skip
 
     @triton.jit
