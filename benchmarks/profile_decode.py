@@ -95,6 +95,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values TMA": {"values_tma": True},  # (scores and value latents by TMA descriptors)
     "values pairs apart": {"values_pairs_apart": True},  # (quantized: even and odd channels in products of their own)
     "values block 256, pairs apart": {"value_block": 256, "values_pairs_apart": True},
+    "values block 128, 8 warps, pairs apart": {"value_block": 128, "values_warps": 8, "values_pairs_apart": True},
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
     # for quantized keys only: with 16-bit latents "default" and "unfolded" are the same pass)
     "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)
