@@ -519,16 +519,25 @@ if triton is not None:
         )
 
     @triton.jit
+    def _joined_transposed(fold, scale, HALF: tl.constexpr, GROUP: tl.constexpr):
+        """A scale group's folded cos and sin weights, (HALF, GROUP) fp16 each, channels in order (even and odd
+        joined)."""
+        c = tl.join(tl.trans(fold[0] * scale), tl.trans(fold[2] * scale))
+        s = tl.join(tl.trans(fold[1] * scale), tl.trans(fold[3] * scale))
+        return tl.reshape(c, [HALF, GROUP]).to(tl.float16), tl.reshape(s, [HALF, GROUP]).to(tl.float16)
+
+    @triton.jit
     def _folded_setup(
         Q, W, RANKS, OFFSETS, CODEC, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, ALIGNED: tl.constexpr, SLOTS: tl.constexpr,
-        GROUP: tl.constexpr, ALIGN: tl.constexpr,
+        GROUP: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
     ):  # fmt: skip
         """
         What the folded scores pass (G = 1) keeps of a KV head: its query folded into its up-projection as cos and
         sin weights (HALF, R) fp16 per block of channels (the R1 and R2 chunks, or with SLOTS > 0 each scale group's
-        even and odd channels), scaled so that the largest is 2^14 (fp16 neither overflows nor loses small weights),
-        the factor that undoes the scale, and where the head's latents or codes lie.
+        even and odd channels, or with JOINED too the group's channels in order: one cos and one sin block a group),
+        scaled so that the largest is 2^14 (fp16 neither overflows nor loses small weights), the factor that undoes
+        the scale, and where the head's latents or codes lie.
         """
         offset, rank = tl.load(OFFSETS + head), tl.load(RANKS + head)
         q = Q + b * stride_qb + head * stride_qh + dims
@@ -558,7 +567,14 @@ if triton is not None:
             f0, peak = _folded_pair(q_lo, q_hi, w1_lo, w1_hi, w2_lo, w2_hi)
             f1, f2 = f0, f0
         scale = 16384.0 / tl.where(peak > 0, peak, 16384.0)
-        folds = (_half_transposed(f0, scale), _half_transposed(f1, scale), _half_transposed(f2, scale))
+        if SLOTS > 0 and JOINED:
+            folds = (
+                _joined_transposed(f0, scale, HALF, GROUP),
+                _joined_transposed(f1, scale, HALF, GROUP),
+                _joined_transposed(f2, scale, HALF, GROUP),
+            )
+        else:
+            folds = (_half_transposed(f0, scale), _half_transposed(f1, scale), _half_transposed(f2, scale))
         return start, limit, codec, folds, 1.0 / scale
 
     @triton.jit
@@ -570,8 +586,12 @@ if triton is not None:
     def _slot_scores(codes, cos, sin, fold):
         """A scale group's share of the scores of a tile: its codes times their channel weights, times the scale."""
         even, odd, scale = codes
-        weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1)
-        weighted += tl.sum(odd * _channel_weights(cos, sin, fold, 1), 1)
+        if len(fold) == 2:  # even and odd channels joined: one cos and one sin product
+            both = tl.reshape(tl.join(even, odd), [even.shape[0], 2 * even.shape[1]])
+            weighted = tl.sum(both * tl.dot(sin, fold[1], tl.dot(cos, fold[0])), 1)
+        else:
+            weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1)
+            weighted += tl.sum(odd * _channel_weights(cos, sin, fold, 1), 1)
         return weighted * tl.reshape(scale, [scale.shape[0]])
 
     @triton.jit
@@ -702,7 +722,7 @@ if triton is not None:
         if FOLD:
             setup = _folded_setup(
                 Q, W, RANKS, OFFSETS, CODEC, head, b, stride_qb, stride_qh, stride_wd, row_len, dims, scaling,
-                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN,
+                HALF, R1, R2, ALIGNED, SLOTS, GROUP, ALIGN, JOINED,
             )  # fmt: skip
         else:
             setup = _head_setup(
@@ -1048,7 +1068,8 @@ DEFAULT_CONFIG = {
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
-    # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
+    # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935. The folded pass of quantized keys: each scale group's
+    # even and odd channels in one cos and one sin product (N = GROUP) instead of two each (N = GROUP / 2)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
     "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
@@ -1375,7 +1396,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=slots, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and not quant, TMA=tma, FOLD=fold,
+        JOINED=bool(cfg["joined_halves"]) and (fold or not quant), TMA=tma, FOLD=fold,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -538,11 +538,14 @@ def test_folded_scores_only_where_they_apply(scores_launches):
         ([64, 9], [10, 9], 64, 33, {}),  # a head of three groups (8-bit, then 32 + 22 4-bit) beside an 8-bit one
     ],
 )
-def test_folded_scores_of_quantized_keys(scores_launches, dtype, k_ranks, k_n8, v_rank, v_n8, extras):
+@pytest.mark.parametrize("joined", [True, False])
+def test_folded_scores_of_quantized_keys(scores_launches, dtype, k_ranks, k_n8, v_rank, v_n8, extras, joined):
     """Quantized keys (G = 1, read per scale group) fold too: per group, the codes times their channel weights,
-    times the token's scale, equal the reference on the decoded rows."""
-    check_quantized(dtype, 1, k_ranks, k_n8, v_rank, v_n8, 32, extras, config={"rope_table": True})
-    assert [launch["FOLD"] for launch in scores_launches] == [True]
+    times the token's scale, equal the reference on the decoded rows; with a group's even and odd channels in one
+    product (`joined_halves`, the default) or in two."""
+    config = {"rope_table": True, "joined_halves": joined}
+    check_quantized(dtype, 1, k_ranks, k_n8, v_rank, v_n8, 32, extras, config=config)
+    assert [(launch["FOLD"], launch["JOINED"]) for launch in scores_launches] == [(True, joined)]
 
 
 def test_tma_loads_only_where_aligned(scores_launches, values_launches):
