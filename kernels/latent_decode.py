@@ -671,6 +671,67 @@ if triton is not None:
         return following
 
     @triton.jit
+    def _pair_fold(fold0, fold1, HALF: tl.constexpr, GROUP: tl.constexpr):
+        """Two heads' joined cos and sin weights of a scale group side by side, (HALF, 2 GROUP), columns interleaved."""
+        cos = tl.reshape(tl.join(fold0[0], fold1[0]), [HALF, 2 * GROUP])
+        return cos, tl.reshape(tl.join(fold0[1], fold1[1]), [HALF, 2 * GROUP])
+
+    @triton.jit
+    def _paired_folds(setup0, setup1, HALF: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr):
+        """`_pair_fold` of each scale group of two KV heads (made once per program: the products' B operands)."""
+        folds0, folds1 = setup0[3], setup1[3]
+        p0 = _pair_fold(folds0[0], folds1[0], HALF, GROUP)
+        p1, p2 = p0, p0
+        if SLOTS > 1:
+            p1 = _pair_fold(folds0[1], folds1[1], HALF, GROUP)
+        if SLOTS > 2:
+            p2 = _pair_fold(folds0[2], folds1[2], HALF, GROUP)
+        return p0, p1, p2
+
+    @triton.jit
+    def _paired_slot_scores(codes0, codes1, cos, sin, pair):
+        """A scale group's share of two heads' scores of a tile, from one cos and one sin product for both."""
+        even0, odd0, scale0 = codes0
+        even1, odd1, scale1 = codes1
+        bt: tl.constexpr = even0.shape[0]
+        hg: tl.constexpr = even0.shape[1]
+        both0 = tl.reshape(tl.join(even0, odd0), [bt, 2 * hg])
+        both1 = tl.reshape(tl.join(even1, odd1), [bt, 2 * hg])
+        weighted = tl.reshape(tl.join(both0, both1), [bt, 4 * hg]) * tl.dot(sin, pair[1], tl.dot(cos, pair[0]))
+        first, second = tl.split(tl.sum(tl.reshape(weighted, [bt, 2 * hg, 2]), 1))
+        return first * tl.reshape(scale0, [bt]), second * tl.reshape(scale1, [bt])
+
+    @triton.jit
+    def _paired_step(
+        tile_args, latents0, latents1, head, setup0, setup1, pairs,
+        BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
+        GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+    ):  # fmt: skip
+        """
+        `_folded_step` of two KV heads (quantized keys, even and odd channels joined) at once: per scale group, the
+        tile's tables times both heads' folded weights side by side (`_paired_folds`), one cos and one sin product.
+        """
+        zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st = tile_args
+        hg: tl.constexpr = GROUP // 2
+        following0 = _folded_latents(
+            zk, tile + 1, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, hg, HAS8, HAS4, ALIGN
+        )
+        following1 = _folded_latents(
+            zk, tile + 1, T, b, stride_zb, stride_zt, setup1, BT, R1, R2, TMA, SLOTS, hg, HAS8, HAS4, ALIGN
+        )
+        scores0, scores1 = _paired_slot_scores(latents0[0], latents1[0], cos, sin, pairs[0])
+        if SLOTS > 1:
+            more0, more1 = _paired_slot_scores(latents0[1], latents1[1], cos, sin, pairs[1])
+            scores0, scores1 = scores0 + more0, scores1 + more1
+        if SLOTS > 2:
+            more0, more1 = _paired_slot_scores(latents0[2], latents1[2], cos, sin, pairs[2])
+            scores0, scores1 = scores0 + more0, scores1 + more1
+        ptrs = S + srow + head * stride_sh + t * stride_st
+        _store_scores(S, ptrs, scores0 * setup0[4], keep, stored)
+        _store_scores(S, ptrs + stride_sh, scores1 * setup1[4], keep, stored)
+        return following0, following1
+
+    @triton.jit
     def _store_scores(S, ptrs, scores, keep, mask):
         """Scores to the buffer, -inf where not `keep`."""
         if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
@@ -743,7 +804,7 @@ if triton is not None:
         HAS_NORM: tl.constexpr,
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
+        ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, PAIRED: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -755,7 +816,7 @@ if triton is not None:
         FOLD (G = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or k-norm): keys are
         never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
         (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored; the HPP heads share the
-        tile's tables.
+        tile's tables. PAIRED (folded quantized keys, JOINED, HPP 2 or 4): two heads' products a tile are one.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -808,6 +869,10 @@ if triton is not None:
                 latents3 = _folded_latents(
                     zk, first, T, b, stride_zb, stride_zt, setup3, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
                 )
+            if PAIRED:
+                pairs01 = _paired_folds(setup0, setup1, HALF, GROUP, SLOTS)
+                if HPP > 2:
+                    pairs23 = _paired_folds(setup2, setup3, HALF, GROUP, SLOTS)
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
@@ -854,14 +919,25 @@ if triton is not None:
                 shared = (
                     zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st
                 )  # fmt: skip
-                latents0 = _folded_step(
-                    shared, latents0, head0, setup0, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
-                )
-                if HPP > 1:
+                if PAIRED:
+                    latents0, latents1 = _paired_step(
+                        shared, latents0, latents1, head0, setup0, setup1, pairs01,
+                        BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN,
+                    )  # fmt: skip
+                    if HPP > 2:
+                        latents2, latents3 = _paired_step(
+                            shared, latents2, latents3, head0 + 2, setup2, setup3, pairs23,
+                            BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN,
+                        )  # fmt: skip
+                else:
+                    latents0 = _folded_step(
+                        shared, latents0, head0, setup0, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                    )
+                if HPP > 1 and not PAIRED:
                     latents1 = _folded_step(
                         shared, latents1, head0 + 1, setup1, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                     )
-                if HPP > 2:
+                if HPP > 2 and not PAIRED:
                     latents2 = _folded_step(
                         shared, latents2, head0 + 2, setup2, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                     )
@@ -1070,6 +1146,8 @@ DEFAULT_CONFIG = {
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
     # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935. The folded pass of quantized keys: each scale group's
     # even and odd channels in one cos and one sin product (N = GROUP) instead of two each (N = GROUP / 2)
+    "paired_heads": False,  # the folded pass of quantized keys with 2 or 4 KV heads a program: two heads' products
+    # of a tile as one (N = 2 GROUP), each scale group's columns of both heads side by side. Not timed yet
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
     "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
@@ -1383,6 +1461,8 @@ def latent_decode_attention(
         describe = TensorDescriptor.from_tensor
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
         cos_t, sin_t = (describe(x[:, :tokens], [1, block_tokens, head_dim // 2]) for x in (cos_t, sin_t))
+    joined = bool(cfg["joined_halves"]) and (fold or not quant)
+    paired = fold and joined and slots > 0 and hpp > 1 and bool(cfg["paired_heads"])
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, zk, zk2, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
@@ -1396,7 +1476,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=slots, **k_flags,
-        JOINED=bool(cfg["joined_halves"]) and (fold or not quant), TMA=tma, FOLD=fold,
+        JOINED=joined, TMA=tma, FOLD=fold, PAIRED=paired,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

@@ -490,6 +490,22 @@ def test_folded_scores_heads_a_program(poisoned, scores_launches, dtype, quantiz
     assert [(launch["FOLD"], launch["HPP"]) for launch in scores_launches] == [(True, heads)]
 
 
+@pytest.mark.parametrize(
+    "heads, k_ranks, k_n8",
+    [
+        (2, [64, 9], [10, 9]),  # three scale groups (8-bit, then 32 + 22 4-bit) beside an 8-bit head of one
+        (2, [32, 32, 32, 32], [0, 0, 0, 0]),  # 4 bits, one group a head (decode_attention's 4-bit MHA rows)
+        (4, [38, 40, 32, 9], [8, 16, 0, 9]),  # two pairs of heads, mixed 8/4-bit groups
+    ],
+)
+def test_folded_scores_paired_heads(poisoned, scores_launches, heads, k_ranks, k_n8):
+    """Quantized keys, folded, with two heads' products of a tile as one (`paired_heads`: each scale group's columns
+    of both heads side by side) equal the reference, left-padded."""
+    config = {"folded_scores": True, "heads_per_program": heads, "paired_heads": True, "rope_table": True}
+    check_quantized(torch.float16, 1, k_ranks, k_n8, 64, 33, 32, {"pad": 5}, config=config)
+    assert [(launch["FOLD"], launch["HPP"], launch["PAIRED"]) for launch in scores_launches] == [(True, heads, True)]
+
+
 @pytest.mark.parametrize("query_scale, weight_scale", [(100.0, 1e4), (0.0, 1.0)])
 def test_folded_weights_are_scaled_into_half_range(poisoned, scores_launches, query_scale, weight_scale):
     """The folded weights are scaled so that the largest is 2^14 before they become fp16: weights of ~1e5 (queries
