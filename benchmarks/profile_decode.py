@@ -117,8 +117,14 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
         "scores_resident": 4,
     },
     "scores folded on, one rank chunk, 4 stages": {"folded_scores": True, "rank_pad": 0, "scores_stages_tables": 4},
-    "scores paired heads": {"paired_heads": True},  # (folded quantized keys: two heads' products a tile as one)
-    "scores paired heads, 4 KV heads a program": {"paired_heads": True, "heads_per_program": 4},
+    "scores joined groups": {"joined_groups": True},  # (folded quantized keys: even and odd channels in one product)
+    "scores joined groups, 4 KV heads a program": {"joined_groups": True, "heads_per_program": 4},
+    "scores joined groups, paired heads": {"joined_groups": True, "paired_heads": True},  # (two heads' in one)
+    "scores joined groups, paired heads, 4 KV heads a program": {
+        "joined_groups": True,
+        "paired_heads": True,
+        "heads_per_program": 4,
+    },
     "scores 1 KV head a program": {"heads_per_program": 1},  # (the folded pass of quantized keys takes 2 by default)
     "scores folded on, 2 KV heads a program": {"folded_scores": True, "heads_per_program": 2},  # (tables read once)
     "scores folded on, 2 KV heads a program, one rank chunk": {

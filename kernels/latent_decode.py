@@ -816,7 +816,9 @@ if triton is not None:
         FOLD (G = 1, fp16 tables, 16-bit latents or quantized keys read per scale group, no bias or k-norm): keys are
         never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
         (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored; the HPP heads share the
-        tile's tables. PAIRED (folded quantized keys, JOINED, HPP 2 or 4): two heads' products a tile are one.
+        tile's tables. JOINED: 16-bit keys' RoPE halves rebuilt by one product a chunk; in the folded pass of
+        quantized keys, each scale group's even and odd channels in one product. PAIRED (folded quantized keys,
+        JOINED, HPP 2 or 4): two heads' products a tile are one.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -1144,10 +1146,14 @@ DEFAULT_CONFIG = {
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
-    # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935. The folded pass of quantized keys: each scale group's
-    # even and odd channels in one cos and one sin product (N = GROUP) instead of two each (N = GROUP / 2)
-    "paired_heads": False,  # the folded pass of quantized keys with 2 or 4 KV heads a program: two heads' products
-    # of a tile as one (N = 2 GROUP), each scale group's columns of both heads side by side. Not timed yet
+    # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
+    "joined_groups": False,  # the folded pass of quantized keys: each scale group's even and odd channels in one cos
+    # and one sin product (N = GROUP) instead of two each (N = GROUP / 2). sass_report, 4-bit MHA B16, two heads a
+    # program: 466 loop instructions against 558, 4 tensor-core waits a tile against 8, 116 registers against 128.
+    # Not timed yet
+    "paired_heads": False,  # with joined_groups and 2 or 4 KV heads a program: two heads' products of a tile as one
+    # (N = 2 GROUP), each scale group's columns of both heads side by side (486 loop instructions, 2 tensor-core
+    # waits a tile, 124 registers). Not timed yet
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
     "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
@@ -1461,7 +1467,7 @@ def latent_decode_attention(
         describe = TensorDescriptor.from_tensor
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
         cos_t, sin_t = (describe(x[:, :tokens], [1, block_tokens, head_dim // 2]) for x in (cos_t, sin_t))
-    joined = bool(cfg["joined_halves"]) and (fold or not quant)
+    joined = bool(cfg["joined_groups"]) if quant and fold else bool(cfg["joined_halves"]) and not quant
     paired = fold and joined and slots > 0 and hpp > 1 and bool(cfg["paired_heads"])
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, zk, zk2, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,

@@ -499,9 +499,10 @@ def test_folded_scores_heads_a_program(poisoned, scores_launches, dtype, quantiz
     ],
 )
 def test_folded_scores_paired_heads(poisoned, scores_launches, heads, k_ranks, k_n8):
-    """Quantized keys, folded, with two heads' products of a tile as one (`paired_heads`: each scale group's columns
-    of both heads side by side) equal the reference, left-padded."""
-    config = {"folded_scores": True, "heads_per_program": heads, "paired_heads": True, "rope_table": True}
+    """Quantized keys, folded, with two heads' products of a tile as one (`joined_groups` and `paired_heads`: each
+    scale group's columns of both heads side by side) equal the reference, left-padded."""
+    config = {"folded_scores": True, "heads_per_program": heads, "joined_groups": True, "paired_heads": True}
+    config["rope_table"] = True
     check_quantized(torch.float16, 1, k_ranks, k_n8, 64, 33, 32, {"pad": 5}, config=config)
     assert [(launch["FOLD"], launch["HPP"], launch["PAIRED"]) for launch in scores_launches] == [(True, heads, True)]
 
@@ -558,8 +559,8 @@ def test_folded_scores_only_where_they_apply(scores_launches):
 def test_folded_scores_of_quantized_keys(scores_launches, dtype, k_ranks, k_n8, v_rank, v_n8, extras, joined):
     """Quantized keys (G = 1, read per scale group) fold too: per group, the codes times their channel weights,
     times the token's scale, equal the reference on the decoded rows; with a group's even and odd channels in one
-    product (`joined_halves`, the default) or in two."""
-    config = {"rope_table": True, "joined_halves": joined}
+    product (`joined_groups`) or in two."""
+    config = {"rope_table": True, "joined_groups": joined}
     check_quantized(dtype, 1, k_ranks, k_n8, v_rank, v_n8, 32, extras, config=config)
     assert [(launch["FOLD"], launch["JOINED"]) for launch in scores_launches] == [(True, joined)]
 
