@@ -101,6 +101,8 @@ def record_caches() -> Callable[[torch.nn.Module], list]:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """A small real-text .txt file (the first lines of WikiText-2 test)."""
+    if not SHARED_DATA.is_file():
+        pytest.fail(f"{SHARED_DATA} not found: put ../shared beside the repository or set STARKV_TEST_TEXT to a copy")
     lines = [line for line in SHARED_DATA.read_text().splitlines() if line.strip()][:160]
     path = tmp_path_factory.mktemp("corpus") / "calib.txt"
     path.write_text("\n".join(lines) + "\n")
