@@ -583,12 +583,16 @@ if triton is not None:
         return tl.dot(sin, fold[2 * which + 1], tl.dot(cos, fold[2 * which]))
 
     @triton.jit
+    def _in_order(even, odd):
+        """A scale group's even and odd channels (BT, HG) each joined in channel order, (BT, 2 HG)."""
+        return tl.reshape(tl.join(even, odd), [even.shape[0], 2 * even.shape[1]])
+
+    @triton.jit
     def _slot_scores(codes, cos, sin, fold):
         """A scale group's share of the scores of a tile: its codes times their channel weights, times the scale."""
         even, odd, scale = codes
         if len(fold) == 2:  # even and odd channels joined: one cos and one sin product
-            both = tl.reshape(tl.join(even, odd), [even.shape[0], 2 * even.shape[1]])
-            weighted = tl.sum(both * tl.dot(sin, fold[1], tl.dot(cos, fold[0])), 1)
+            weighted = tl.sum(_in_order(even, odd) * tl.dot(sin, fold[1], tl.dot(cos, fold[0])), 1)
         else:
             weighted = tl.sum(even * _channel_weights(cos, sin, fold, 0), 1)
             weighted += tl.sum(odd * _channel_weights(cos, sin, fold, 1), 1)
@@ -695,9 +699,8 @@ if triton is not None:
         even1, odd1, scale1 = codes1
         bt: tl.constexpr = even0.shape[0]
         hg: tl.constexpr = even0.shape[1]
-        both0 = tl.reshape(tl.join(even0, odd0), [bt, 2 * hg])
-        both1 = tl.reshape(tl.join(even1, odd1), [bt, 2 * hg])
-        weighted = tl.reshape(tl.join(both0, both1), [bt, 4 * hg]) * tl.dot(sin, pair[1], tl.dot(cos, pair[0]))
+        both = tl.reshape(tl.join(_in_order(even0, odd0), _in_order(even1, odd1)), [bt, 4 * hg])
+        weighted = both * tl.dot(sin, pair[1], tl.dot(cos, pair[0]))
         first, second = tl.split(tl.sum(tl.reshape(weighted, [bt, 2 * hg, 2]), 1))
         return first * tl.reshape(scale0, [bt]), second * tl.reshape(scale1, [bt])
 
@@ -935,17 +938,17 @@ if triton is not None:
                     latents0 = _folded_step(
                         shared, latents0, head0, setup0, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                     )
-                if HPP > 1 and not PAIRED:
-                    latents1 = _folded_step(
-                        shared, latents1, head0 + 1, setup1, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
-                    )
-                if HPP > 2 and not PAIRED:
-                    latents2 = _folded_step(
-                        shared, latents2, head0 + 2, setup2, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
-                    )
-                    latents3 = _folded_step(
-                        shared, latents3, head0 + 3, setup3, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
-                    )
+                    if HPP > 1:
+                        latents1 = _folded_step(
+                            shared, latents1, head0 + 1, setup1, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                        )
+                    if HPP > 2:
+                        latents2 = _folded_step(
+                            shared, latents2, head0 + 2, setup2, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                        )
+                        latents3 = _folded_step(
+                            shared, latents3, head0 + 3, setup3, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
+                        )
             else:
                 shared = (
                     zk, zrow, in_range, keep, stored, S, srow, t, norm_lo, norm_hi, eps, cos, sin, scaling, stride_sh,
