@@ -501,8 +501,13 @@ def test_folded_scores_heads_a_program(poisoned, scores_launches, dtype, quantiz
 def test_folded_scores_paired_heads(poisoned, scores_launches, heads, k_ranks, k_n8):
     """Quantized keys, folded, with two heads' products of a tile as one (`joined_groups` and `paired_heads`: each
     scale group's columns of both heads side by side) equal the reference, left-padded."""
-    config = {"folded_scores": True, "heads_per_program": heads, "joined_groups": True, "paired_heads": True}
-    config["rope_table"] = True
+    config = {
+        "folded_scores": True,
+        "heads_per_program": heads,
+        "joined_groups": True,
+        "paired_heads": True,
+        "rope_table": True,
+    }
     check_quantized(torch.float16, 1, k_ranks, k_n8, 64, 33, 32, {"pad": 5}, config=config)
     assert [(launch["FOLD"], launch["HPP"], launch["PAIRED"]) for launch in scores_launches] == [(True, heads, True)]
 
