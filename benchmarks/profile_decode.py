@@ -93,7 +93,9 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores TMA, 4 stages": {"scores_tma": True, "scores_stages_tables": 4},
     "scores TMA, 2 KV heads a program": {"scores_tma": True, "heads_per_program": 2},
     "values TMA": {"values_tma": True},  # (scores and value latents by TMA descriptors)
-    "values pairs apart": {"values_pairs_apart": True},  # (quantized: even and odd channels in products of their own)
+    "values pairs apart": {"values_pairs_apart": True},  # (quantized: even and odd channels in products of their own;
+    # the default where G = 1)
+    "values pairs together": {"values_pairs_apart": False},
     "values block 256, pairs apart": {"value_block": 256, "values_pairs_apart": True},
     "values block 128, 8 warps, pairs apart": {"value_block": 128, "values_warps": 8, "values_pairs_apart": True},
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
@@ -117,14 +119,9 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
         "scores_resident": 4,
     },
     "scores folded on, one rank chunk, 4 stages": {"folded_scores": True, "rank_pad": 0, "scores_stages_tables": 4},
-    "scores joined groups": {"joined_groups": True},  # (folded quantized keys: even and odd channels in one product)
-    "scores joined groups, 4 KV heads a program": {"joined_groups": True, "heads_per_program": 4},
-    "scores joined groups, paired heads": {"joined_groups": True, "paired_heads": True},  # (two heads' in one)
-    "scores joined groups, paired heads, 4 KV heads a program": {
-        "joined_groups": True,
-        "paired_heads": True,
-        "heads_per_program": 4,
-    },
+    # the folded pass of quantized keys (default: scale groups' even and odd channels joined, two heads' paired)
+    "scores groups apart": {"joined_groups": False},  # (the default before session 20: 4 products a head a tile)
+    "scores joined groups, heads unpaired": {"paired_heads": False},
     "scores 1 KV head a program": {"heads_per_program": 1},  # (the folded pass of quantized keys takes 2 by default)
     "scores folded on, 2 KV heads a program": {"folded_scores": True, "heads_per_program": 2},  # (tables read once)
     "scores folded on, 2 KV heads a program, one rank chunk": {

@@ -1150,13 +1150,14 @@ DEFAULT_CONFIG = {
     "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
     # pass GQA B16 0.269 -> 0.264 ms, MHA B16 0.947 -> 0.935
-    "joined_groups": False,  # the folded pass of quantized keys: each scale group's even and odd channels in one cos
-    # and one sin product (N = GROUP) instead of two each (N = GROUP / 2). sass_report, 4-bit MHA B16, two heads a
-    # program: 466 loop instructions against 558, 4 tensor-core waits a tile against 8, 116 registers against 128.
-    # Not timed yet
-    "paired_heads": False,  # with joined_groups and 2 or 4 KV heads a program: two heads' products of a tile as one
+    "joined_groups": True,  # the folded pass of quantized keys: each scale group's even and odd channels in one cos
+    # and one sin product (N = GROUP) instead of two each (N = GROUP / 2): 466 loop instructions against 558, 4
+    # tensor-core waits a tile against 8, 116 registers against 128 (sass_report, 4-bit MHA B16). H100 4-bit scores
+    # pass ms, MHA B16 / B8 / B1 64K / B1 16K: 0.804 -> 0.690 / 0.217 -> 0.187 / 0.113 -> 0.097 / 0.033 -> 0.028
+    "paired_heads": True,  # with joined_groups and 2 or 4 KV heads a program: two heads' products of a tile as one
     # (N = 2 GROUP), each scale group's columns of both heads side by side (486 loop instructions, 2 tensor-core
-    # waits a tile, 124 registers). Not timed yet
+    # waits a tile, 124 registers). H100, the same rows: 0.603 / 0.170 / 0.088 / 0.027 ms (with 4 heads a program
+    # 0.646 / 0.179 / 0.098 / 0.028)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
     "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
@@ -1168,9 +1169,10 @@ DEFAULT_CONFIG = {
     # 1.559 ms at B16); bf16 slower, 0.906 -> 1.145 / 0.136 -> 0.156 (each tile is 4 small products (N = 32, 16) on
     # the same 16 KB of tables, against the unfolded pass's 2 wide ones; with one rank chunk, 2 products of N = 64,
     # 1.016 / 0.139; with two KV heads a program 1.118 / 0.170)
-    "values_pairs_apart": False,  # quantized values by scale group: even and odd channels in products of their own,
-    # never interleaved per tile (sass_report, 4-bit MHA B16: 469 loop instructions against 571, but I2F where I2FP
-    # was; GQA B16: 1070 and 249 registers against 633 and 150). Not timed yet
+    "values_pairs_apart": "auto",  # quantized values by scale group: even and odd channels in products of their
+    # own, never interleaved per tile (sass_report, 4-bit MHA B16: 469 loop instructions against 571). auto: where
+    # G = 1. H100 4-bit values pass ms: MHA B16 0.600 -> 0.542, B1 64K 0.101 -> 0.097; GQA B16 0.173 -> 0.378 (1070
+    # loop instructions and 249 registers against 633 and 150; at 128 columns and 8 warps 0.183)
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1491,6 +1493,7 @@ def latent_decode_attention(
 
     # quantized values dequantized per scale group (tiles of whole groups: a power of two of >= 16 channel pairs)
     by_group = quant and cfg["grouped_values"] and group >= 32 and not group & (group - 1)
+    apart = groups == 1 if cfg["values_pairs_apart"] == "auto" else bool(cfg["values_pairs_apart"])
     if by_group:
         groups_per_program = max(1, value_block // group)
         v_groups = _cdiv(v_codec.n8[0], group) + _cdiv(v_rank - v_codec.n8[0], group)
@@ -1520,7 +1523,7 @@ def latent_decode_attention(
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
-        GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and bool(cfg["values_pairs_apart"]),
+        GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
