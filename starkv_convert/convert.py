@@ -423,7 +423,7 @@ def convert(options: ConvertOptions) -> Path:
         t = time.perf_counter()
         _log(options, f"loading {source.path}{'/' + source.gguf_file if source.gguf_file else ''} on {device}")
         tokenizer = load_tokenizer(source)
-        model = load_model(source, resolve_dtype(options.dtype), device, placement(options, output))
+        model = load_model(source, resolve_dtype(options.dtype), device, placement(options, output), base_config)
         dtype = next(model.parameters()).dtype
         t = lap("load", t)
 

@@ -1,5 +1,6 @@
 """Finding and loading the base model: a Hub id, a local folder, a .gguf file, or the embedded default."""
 
+import copy
 import importlib.util
 import json
 import re
@@ -94,15 +95,20 @@ def load_config(source: ModelSource) -> Any:
 
 
 def load_model(
-    source: ModelSource, dtype: torch.dtype | None, device: str, placement: dict[str, Any] | None = None
+    source: ModelSource,
+    dtype: torch.dtype | None,
+    device: str,
+    placement: dict[str, Any] | None = None,
+    config: Any = None,
 ) -> torch.nn.Module:
     """
     The base causal LM in `dtype` (None: as stored) on `device`, in eval mode. `placement`: accelerate's
     `device_map`/`max_memory`/`offload_folder` to spread the model over GPUs, CPU memory and disk instead.
+    `config`: its `load_config`, if read already (else parsed again: for SmolLM2's GGUF 27.6 s -> 16.8 s to load).
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = source.load_kwargs()
+    kwargs = source.load_kwargs() | ({"config": copy.deepcopy(config)} if config is not None else {})
     kwargs["dtype"] = dtype if dtype is not None else "auto"
     if placement:
         kwargs.update(placement)
