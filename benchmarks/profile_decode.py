@@ -123,7 +123,14 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "scores groups apart": {"joined_groups": False},  # (the default before session 20: 4 products a head a tile)
     "scores joined groups, heads unpaired": {"paired_heads": False},
     "scores 1 KV head a program": {"heads_per_program": 1},  # (the folded pass of quantized keys takes 2 by default)
-    "scores folded on, 2 KV heads a program": {"folded_scores": True, "heads_per_program": 2},  # (tables read once)
+    # (tables read once; two heads' products a tile as one unless unpaired)
+    "scores folded on, 2 KV heads a program": {"folded_scores": True, "heads_per_program": 2},
+    "scores folded on, 2 KV heads a program, unpaired": {
+        "folded_scores": True,
+        "heads_per_program": 2,
+        "paired_heads": False,
+    },
+    "scores folded on, 4 KV heads a program": {"folded_scores": True, "heads_per_program": 4},
     "scores folded on, 2 KV heads a program, one rank chunk": {
         "folded_scores": True,
         "heads_per_program": 2,

@@ -675,33 +675,52 @@ if triton is not None:
         return following
 
     @triton.jit
-    def _pair_fold(fold0, fold1, HALF: tl.constexpr, GROUP: tl.constexpr):
-        """Two heads' joined cos and sin weights of a scale group side by side, (HALF, 2 GROUP), columns interleaved."""
-        cos = tl.reshape(tl.join(fold0[0], fold1[0]), [HALF, 2 * GROUP])
-        return cos, tl.reshape(tl.join(fold0[1], fold1[1]), [HALF, 2 * GROUP])
+    def _side_by_side(a, b):
+        """Two (M, N) blocks as one (M, 2 N), columns interleaved."""
+        return tl.reshape(tl.join(a, b), [a.shape[0], 2 * a.shape[1]])
 
     @triton.jit
-    def _paired_folds(setup0, setup1, HALF: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr):
-        """`_pair_fold` of each scale group of two KV heads (made once per program: the products' B operands)."""
+    def _pair_fold(cos0, sin0, cos1, sin1):
+        """Two heads' cos and sin weights of a block of channels side by side, (HALF, 2 N) each."""
+        return _side_by_side(cos0, cos1), _side_by_side(sin0, sin1)
+
+    @triton.jit
+    def _paired_folds(setup0, setup1, SLOTS: tl.constexpr):
+        """
+        `_pair_fold` of each block of two KV heads (made once per program: the products' B operands): each scale
+        group's (SLOTS > 0), or the R1 and R2 chunks' (16-bit latents).
+        """
         folds0, folds1 = setup0[3], setup1[3]
-        p0 = _pair_fold(folds0[0], folds1[0], HALF, GROUP)
-        p1, p2 = p0, p0
-        if SLOTS > 1:
-            p1 = _pair_fold(folds0[1], folds1[1], HALF, GROUP)
-        if SLOTS > 2:
-            p2 = _pair_fold(folds0[2], folds1[2], HALF, GROUP)
+        if SLOTS > 0:
+            p0 = _pair_fold(folds0[0][0], folds0[0][1], folds1[0][0], folds1[0][1])
+            p1, p2 = p0, p0
+            if SLOTS > 1:
+                p1 = _pair_fold(folds0[1][0], folds0[1][1], folds1[1][0], folds1[1][1])
+            if SLOTS > 2:
+                p2 = _pair_fold(folds0[2][0], folds0[2][1], folds1[2][0], folds1[2][1])
+        else:
+            p0 = _pair_fold(folds0[0][0], folds0[0][1], folds1[0][0], folds1[0][1])
+            p1 = _pair_fold(folds0[0][2], folds0[0][3], folds1[0][2], folds1[0][3])
+            p2 = p0
         return p0, p1, p2
 
     @triton.jit
+    def _paired_scores(z0, z1, cos, sin, pair):
+        """Two heads' scores of a tile over a block of channels, (BT,) each, from one cos and one sin product for
+        both: their latents (BT, N) side by side times the tables times the `_pair_fold`."""
+        bt: tl.constexpr = z0.shape[0]
+        n: tl.constexpr = z0.shape[1]
+        both = _side_by_side(z0.to(tl.float32), z1.to(tl.float32))
+        weighted = both * tl.dot(sin, pair[1], tl.dot(cos, pair[0]))
+        return tl.split(tl.sum(tl.reshape(weighted, [bt, n, 2]), 1))
+
+    @triton.jit
     def _paired_slot_scores(codes0, codes1, cos, sin, pair):
-        """A scale group's share of two heads' scores of a tile, from one cos and one sin product for both."""
+        """A scale group's share of two heads' scores of a tile (`_paired_scores`), times each head's scales."""
         even0, odd0, scale0 = codes0
         even1, odd1, scale1 = codes1
         bt: tl.constexpr = even0.shape[0]
-        hg: tl.constexpr = even0.shape[1]
-        both = tl.reshape(tl.join(_in_order(even0, odd0), _in_order(even1, odd1)), [bt, 4 * hg])
-        weighted = both * tl.dot(sin, pair[1], tl.dot(cos, pair[0]))
-        first, second = tl.split(tl.sum(tl.reshape(weighted, [bt, 2 * hg, 2]), 1))
+        first, second = _paired_scores(_in_order(even0, odd0), _in_order(even1, odd1), cos, sin, pair)
         return first * tl.reshape(scale0, [bt]), second * tl.reshape(scale1, [bt])
 
     @triton.jit
@@ -711,8 +730,9 @@ if triton is not None:
         GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
-        `_folded_step` of two KV heads (quantized keys, even and odd channels joined) at once: per scale group, the
-        tile's tables times both heads' folded weights side by side (`_paired_folds`), one cos and one sin product.
+        `_folded_step` of two KV heads at once: per scale group (quantized keys, even and odd channels joined) or
+        rank chunk (16-bit latents), the tile's tables times both heads' folded weights side by side
+        (`_paired_folds`), one cos and one sin product.
         """
         zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st = tile_args
         hg: tl.constexpr = GROUP // 2
@@ -722,13 +742,19 @@ if triton is not None:
         following1 = _folded_latents(
             zk, tile + 1, T, b, stride_zb, stride_zt, setup1, BT, R1, R2, TMA, SLOTS, hg, HAS8, HAS4, ALIGN
         )
-        scores0, scores1 = _paired_slot_scores(latents0[0], latents1[0], cos, sin, pairs[0])
-        if SLOTS > 1:
-            more0, more1 = _paired_slot_scores(latents0[1], latents1[1], cos, sin, pairs[1])
-            scores0, scores1 = scores0 + more0, scores1 + more1
-        if SLOTS > 2:
-            more0, more1 = _paired_slot_scores(latents0[2], latents1[2], cos, sin, pairs[2])
-            scores0, scores1 = scores0 + more0, scores1 + more1
+        if SLOTS > 0:
+            scores0, scores1 = _paired_slot_scores(latents0[0], latents1[0], cos, sin, pairs[0])
+            if SLOTS > 1:
+                more0, more1 = _paired_slot_scores(latents0[1], latents1[1], cos, sin, pairs[1])
+                scores0, scores1 = scores0 + more0, scores1 + more1
+            if SLOTS > 2:
+                more0, more1 = _paired_slot_scores(latents0[2], latents1[2], cos, sin, pairs[2])
+                scores0, scores1 = scores0 + more0, scores1 + more1
+        else:
+            scores0, scores1 = _paired_scores(latents0[0], latents1[0], cos, sin, pairs[0])
+            if R2 > 0:
+                more0, more1 = _paired_scores(latents0[1], latents1[1], cos, sin, pairs[1])
+                scores0, scores1 = scores0 + more0, scores1 + more1
         ptrs = S + srow + head * stride_sh + t * stride_st
         _store_scores(S, ptrs, scores0 * setup0[4], keep, stored)
         _store_scores(S, ptrs + stride_sh, scores1 * setup1[4], keep, stored)
@@ -820,8 +846,8 @@ if triton is not None:
         never rebuilt; the query is folded into the up-projection and the tables are multiplied by it
         (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored; the HPP heads share the
         tile's tables. JOINED: 16-bit keys' RoPE halves rebuilt by one product a chunk; in the folded pass of
-        quantized keys, each scale group's even and odd channels in one product. PAIRED (folded quantized keys,
-        JOINED, HPP 2 or 4): two heads' products a tile are one.
+        quantized keys, each scale group's even and odd channels in one product. PAIRED (folded, HPP 2 or 4,
+        quantized keys JOINED): two heads' products a tile are one.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -875,9 +901,9 @@ if triton is not None:
                     zk, first, T, b, stride_zb, stride_zt, setup3, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
                 )
             if PAIRED:
-                pairs01 = _paired_folds(setup0, setup1, HALF, GROUP, SLOTS)
+                pairs01 = _paired_folds(setup0, setup1, SLOTS)
                 if HPP > 2:
-                    pairs23 = _paired_folds(setup2, setup3, HALF, GROUP, SLOTS)
+                    pairs23 = _paired_folds(setup2, setup3, SLOTS)
         for tile in range(first, first + tiles_per_split):
             t = tile * BT + i
             in_range = t < T
@@ -1154,10 +1180,10 @@ DEFAULT_CONFIG = {
     # and one sin product (N = GROUP) instead of two each (N = GROUP / 2): 466 loop instructions against 558, 4
     # tensor-core waits a tile against 8, 116 registers against 128 (sass_report, 4-bit MHA B16). H100 4-bit scores
     # pass ms, MHA B16 / B8 / B1 64K / B1 16K: 0.804 -> 0.690 / 0.217 -> 0.187 / 0.113 -> 0.097 / 0.033 -> 0.028
-    "paired_heads": True,  # with joined_groups and 2 or 4 KV heads a program: two heads' products of a tile as one
-    # (N = 2 GROUP), each scale group's columns of both heads side by side (486 loop instructions, 2 tensor-core
-    # waits a tile, 124 registers). H100, the same rows: 0.603 / 0.170 / 0.088 / 0.027 ms (with 4 heads a program
-    # 0.646 / 0.179 / 0.098 / 0.028)
+    "paired_heads": True,  # the folded pass with 2 or 4 KV heads a program (quantized keys: with joined_groups): two
+    # heads' products of a tile as one, each scale group's (or 16-bit rank chunk's) columns of both heads side by
+    # side (4-bit MHA B16: N = 2 GROUP, 486 loop instructions, 2 tensor-core waits a tile, 124 registers). H100 4-bit,
+    # the same rows: 0.603 / 0.170 / 0.088 / 0.027 ms (with 4 heads a program 0.646 / 0.179 / 0.098 / 0.028)
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
     "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
@@ -1473,7 +1499,7 @@ def latent_decode_attention(
         zk, zk2 = (describe(key_latents, [1, block_tokens, r]) for r in (r1, r2 or r1))
         cos_t, sin_t = (describe(x[:, :tokens], [1, block_tokens, head_dim // 2]) for x in (cos_t, sin_t))
     joined = bool(cfg["joined_groups"]) if quant and fold else bool(cfg["joined_halves"]) and not quant
-    paired = fold and joined and slots > 0 and hpp > 1 and bool(cfg["paired_heads"])
+    paired = fold and (joined or not quant) and hpp > 1 and bool(cfg["paired_heads"])
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, zk, zk2, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
         k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,

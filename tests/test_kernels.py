@@ -478,16 +478,19 @@ def test_folded_scores(
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("heads", [2, 4])
-def test_folded_scores_heads_a_program(poisoned, scores_launches, dtype, quantized, heads):
+@pytest.mark.parametrize("paired", [False, True])
+def test_folded_scores_heads_a_program(poisoned, scores_launches, dtype, quantized, heads, paired):
     """The folded pass with two or four KV heads a program (each tile's tables read once for all of them) equals the
-    reference, for 16-bit latents (rank chunks 32 + 16, left padding) and quantized keys (mixed 8/4-bit heads)."""
-    config = {"folded_scores": True, "heads_per_program": heads, "rope_table": True}
+    reference, for 16-bit latents (rank chunks 32 + 16, left padding) and quantized keys (mixed 8/4-bit heads), each
+    head's products apart or two heads' as one (`paired_heads`: both heads' columns of a rank chunk or scale group
+    side by side)."""
+    config = {"folded_scores": True, "heads_per_program": heads, "rope_table": True, "paired_heads": paired}
     if quantized:
         check_quantized(dtype, 1, [38, 40, 32, 9], [8, 16, 0, 9], 96, 32, 32, {"pad": 5}, config=config)
     else:
         case = make_case(3, 130, 4, 1, 128, [38, 17, 5, 36], 130, pad=5, seed=5)
         check(case, dtype, config)
-    assert [(launch["FOLD"], launch["HPP"]) for launch in scores_launches] == [(True, heads)]
+    assert [(launch["FOLD"], launch["HPP"], launch["PAIRED"]) for launch in scores_launches] == [(True, heads, paired)]
 
 
 @pytest.mark.parametrize(
