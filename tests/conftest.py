@@ -11,6 +11,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter; set before any kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n: the cores shared out among the workers
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STARKV_TEST_TEXT", ROOT.parent / "shared" / "data" / "wikitext2-test.txt"))
@@ -183,3 +185,9 @@ def load_pair(base: Path, converted_dir: Path):
     a = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     b = AutoModelForCausalLM.from_pretrained(converted_dir, trust_remote_code=True, dtype=torch.float32).eval()
     return a, b
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real-model tests first: with `pytest -n`, the longest (SmolLM2 conversions, ~5 min) starts at once
+    instead of last."""
+    items.sort(key=lambda item: item.get_closest_marker("real_model") is None)

@@ -10,6 +10,8 @@ from conftest import SHARED_DATA
 from starkv_convert.convert import ConvertOptions, convert
 from starkv_convert.evaluate import evaluate
 
+pytestmark = [pytest.mark.real_model, pytest.mark.xdist_group("smollm2")]  # (one worker converts each budget once)
+
 BASE_PPL = 29.61  # ANCHORS.md, reproduced to 29.60 by this protocol
 ANCHOR_UNIFORM = {0.5: 45.47, 0.3: 61.54}  # whitened uniform ranks, 50/50 and 30/50 K/V (ANCHORS.md)
 
