@@ -691,17 +691,14 @@ if triton is not None:
         group's (SLOTS > 0), or the R1 and R2 chunks' (16-bit latents).
         """
         folds0, folds1 = setup0[3], setup1[3]
-        if SLOTS > 0:
-            p0 = _pair_fold(folds0[0][0], folds0[0][1], folds1[0][0], folds1[0][1])
-            p1, p2 = p0, p0
-            if SLOTS > 1:
-                p1 = _pair_fold(folds0[1][0], folds0[1][1], folds1[1][0], folds1[1][1])
-            if SLOTS > 2:
-                p2 = _pair_fold(folds0[2][0], folds0[2][1], folds1[2][0], folds1[2][1])
-        else:
-            p0 = _pair_fold(folds0[0][0], folds0[0][1], folds1[0][0], folds1[0][1])
+        p0 = _pair_fold(folds0[0][0], folds0[0][1], folds1[0][0], folds1[0][1])
+        p1, p2 = p0, p0
+        if SLOTS == 0:  # (16-bit latents: one fold holds the R1 chunk's cos and sin weights, then the R2 chunk's)
             p1 = _pair_fold(folds0[0][2], folds0[0][3], folds1[0][2], folds1[0][3])
-            p2 = p0
+        if SLOTS > 1:
+            p1 = _pair_fold(folds0[1][0], folds0[1][1], folds1[1][0], folds1[1][1])
+        if SLOTS > 2:
+            p2 = _pair_fold(folds0[2][0], folds0[2][1], folds1[2][0], folds1[2][1])
         return p0, p1, p2
 
     @triton.jit
