@@ -669,6 +669,17 @@ def test_quantized_value_pairs_apart(poisoned, values_launches, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [1, 5, 8])
+@pytest.mark.parametrize("swapped", [False, True])
+def test_quantized_values_by_their_bits(poisoned, values_launches, dtype, case, swapped):
+    """4-bit values made 16-bit floats by their bits (`values_magic`: 16-bit inputs only), with the values products
+    transposed or not (`values_swapped`): a ragged last group, rows in whole words."""
+    config = {"values_magic": True, "values_swapped": swapped}
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config=config)
+    assert [(launch["MAGIC"], launch["SWAP"]) for launch in values_launches] == [(dtype != torch.float32, swapped)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [1, 3])
 def test_quantized_values_dequantized_per_value(poisoned, dtype, case):
     """The values pass that dequantizes per value (`grouped_values` off), on groups of 32."""
