@@ -1575,8 +1575,8 @@ def latent_decode_attention(
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
-        GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart, SWAP=bool(cfg["values_swapped"]),
-        MAGIC=bool(cfg["values_magic"]) and not exact,
+        GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart,
+        SWAP=bool(cfg["values_swapped"]), MAGIC=bool(cfg["values_magic"]) and not exact,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)
