@@ -103,8 +103,6 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values by their bits, 2 stages": {"values_magic": True, "values_stages": 2},
     "values by their bits, swapped": {"values_magic": True, "values_swapped": True},
     "values swapped": {"values_swapped": True},
-    "scores exponentiated": {"exp_scores": True},  # (both passes: the values pass takes one exponential a head a tile)
-    "scores exponentiated, values by their bits": {"exp_scores": True, "values_magic": True},
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
     # for quantized keys only: with 16-bit latents "default" and "unfolded" are the same pass)
     "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)

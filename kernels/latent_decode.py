@@ -646,8 +646,8 @@ if triton is not None:
 
     @triton.jit
     def _folded_tile_scores(
-        latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st, stat,
-        R2: tl.constexpr, SLOTS: tl.constexpr, EXP: tl.constexpr,
+        latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st,
+        R2: tl.constexpr, SLOTS: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's one query head over a tile without rebuilding keys: the tile's fp16 cos/sin tables
@@ -666,27 +666,23 @@ if triton is not None:
             scores = tl.sum(latents[0].to(tl.float32) * _channel_weights(cos, sin, folds[0], 0), 1)
             if R2 > 0:
                 scores += tl.sum(latents[1].to(tl.float32) * _channel_weights(cos, sin, folds[0], 1), 1)
-        stat_row, stride_xh, tile_ok = stat
-        ptrs = S + srow + head * stride_sh + t * stride_st
-        _store_scores(S, ptrs, scores * unscale, keep, stored, stat_row + head * stride_xh, tile_ok, EXP)
+        _store_scores(S, S + srow + head * stride_sh + t * stride_st, scores * unscale, keep, stored)
 
     @triton.jit
     def _folded_step(
         tile_args, latents, head, setup,
         BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
-        GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, EXP: tl.constexpr,
+        GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         One head's folded scores of a tile from its `latents`; returns the next tile's, loaded meanwhile. `tile_args`:
         what every head of the program shares for the tile (latents, tile, scores buffer, masks, tables, strides).
         """
-        zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st, stat = tile_args
+        zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st = tile_args
         following = _folded_latents(
             zk, tile + 1, T, b, stride_zb, stride_zt, setup, BT, R1, R2, TMA, SLOTS, GROUP // 2, HAS8, HAS4, ALIGN
         )
-        _folded_tile_scores(
-            latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st, stat, R2, SLOTS, EXP
-        )
+        _folded_tile_scores(latents, keep, stored, S, srow, t, head, setup, cos, sin, stride_sh, stride_st, R2, SLOTS)
         return following
 
     @triton.jit
@@ -739,15 +735,14 @@ if triton is not None:
     def _paired_step(
         tile_args, latents0, latents1, head, setup0, setup1, pairs,
         BT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, TMA: tl.constexpr, SLOTS: tl.constexpr,
-        GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, EXP: tl.constexpr,
+        GROUP: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         `_folded_step` of two KV heads at once: per scale group (quantized keys, even and odd channels joined) or
         rank chunk (16-bit latents), the tile's tables times both heads' folded weights side by side
         (`_paired_folds`), one cos and one sin product.
         """
-        zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st, stat = tile_args
-        stat_row, stride_xh, tile_ok = stat
+        zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st = tile_args
         hg: tl.constexpr = GROUP // 2
         following0 = _folded_latents(
             zk, tile + 1, T, b, stride_zb, stride_zt, setup0, BT, R1, R2, TMA, SLOTS, hg, HAS8, HAS4, ALIGN
@@ -769,31 +764,19 @@ if triton is not None:
                 more0, more1 = _paired_scores(latents0[1], latents1[1], cos, sin, pairs[1])
                 scores0, scores1 = scores0 + more0, scores1 + more1
         ptrs = S + srow + head * stride_sh + t * stride_st
-        stat0 = stat_row + head * stride_xh
-        _store_scores(S, ptrs, scores0 * setup0[4], keep, stored, stat0, tile_ok, EXP)
-        _store_scores(S, ptrs + stride_sh, scores1 * setup1[4], keep, stored, stat0 + stride_xh, tile_ok, EXP)
+        _store_scores(S, ptrs, scores0 * setup0[4], keep, stored)
+        _store_scores(S, ptrs + stride_sh, scores1 * setup1[4], keep, stored)
         return following0, following1
 
     @triton.jit
-    def _store_scores(S, ptrs, scores, keep, mask, stat, stat_ok, EXP: tl.constexpr):
-        """
-        Scores (BT,) or (BT, heads) to the buffer, -inf where not `keep`. EXP: exp(score - the head's maximum over the
-        tile) instead, 0 where not `keep`, and that maximum and the sum of those to `stat` (each head's pair of fp32).
-        """
-        if EXP:
-            s = tl.where(keep, scores, float("-inf"))
-            m = tl.max(s, 0)
-            p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m))
-            tl.store(stat, m, mask=stat_ok)
-            tl.store(stat + 1, tl.sum(p, 0), mask=stat_ok)
-            tl.store(ptrs, p.to(S.dtype.element_ty), mask=mask)  # (a NaN score: NaN, as tl.max drops it)
-        else:
-            if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects,
-                # as minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate
-                # (exact while a single token is past the range: the softmax is one-hot on it either way)
-                scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
-            scores = tl.where(keep, scores, float("-inf"))
-            tl.store(ptrs, scores.to(S.dtype.element_ty), mask=mask)
+    def _store_scores(S, ptrs, scores, keep, mask):
+        """Scores to the buffer, -inf where not `keep`."""
+        if S.dtype.element_ty == tl.float16:  # an fp16 buffer: finite scores stay finite, NaN stays NaN (selects, as
+            # minimum/maximum drop NaN and tl.clamp fails under torch.compile); past +-65000 they saturate (exact while
+            # a single token is past the range: the softmax is one-hot on it either way)
+            scores = tl.where(scores > 65000.0, 65000.0, tl.where(scores < -65000.0, -65000.0, scores))
+        scores = tl.where(keep, scores, float("-inf"))
+        tl.store(ptrs, scores.to(S.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _head_tile_scores(
@@ -801,7 +784,6 @@ if triton is not None:
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
         HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
-        EXP: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
@@ -809,26 +791,9 @@ if triton is not None:
         the stores vectorize). `tile_args`: what every head of the program shares for the tile (latents, masks,
         scores buffer, k-norm weights, tables, scale, strides).
         """
-        (
-            ZK,
-            zrow,
-            in_range,
-            keep,
-            stored,
-            S,
-            srow,
-            t,
-            norm_lo,
-            norm_hi,
-            eps,
-            cos,
-            sin,
-            scaling,
-            stride_sh,
-            stride_st,
-            stat,
-        ) = tile_args
-        stat_row, stride_xh, tile_ok = stat
+        ZK, zrow, in_range, keep, stored, S, srow, t, norm_lo, norm_hi, eps, cos, sin, scaling, stride_sh, stride_st = (
+            tile_args
+        )
         start, limit, wts, q_lo, q_hi, bias_lo, bias_hi, codec = setup
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
@@ -842,8 +807,7 @@ if triton is not None:
             scores = tl.dot(rot_lo, q_lo, input_precision=PRECISION)  # (BT, GP)
             scores = tl.dot(rot_hi, q_hi, scores, input_precision=PRECISION) * scaling
         ptrs = S + srow + (head * G + g)[None, :] * stride_sh + t[:, None] * stride_st
-        stat, stat_ok = stat_row + (head * G + g) * stride_xh, tl.where(tile_ok, g < G, False)  # (no &: interpreter)
-        _store_scores(S, ptrs, scores, keep[:, None], stored[:, None] & (g[None, :] < G), stat, stat_ok, EXP)
+        _store_scores(S, ptrs, scores, keep[:, None], stored[:, None] & (g[None, :] < G))
 
     @triton.jit
     def _program_head(
@@ -867,10 +831,10 @@ if triton is not None:
 
     @triton.jit
     def _scores_kernel(
-        Q, ZK, ZK2, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN, STAT,
+        Q, ZK, ZK2, POS, VALID, W, RANKS, OFFSETS, CODEC, KBIAS, NORMW, INVF, S, COS, SIN,
         T, TP, tiles_per_split, row_len,
         stride_qb, stride_qh, stride_zb, stride_zt, stride_pb, stride_vb, stride_wd, stride_sb, stride_sh, stride_st,
-        stride_cb, stride_ct, stride_xb, stride_xh,
+        stride_cb, stride_ct,
         scaling, rope_scale, eps,
         G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BT: tl.constexpr,
         HPP: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -878,7 +842,6 @@ if triton is not None:
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
         ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, PAIRED: tl.constexpr,
-        EXP: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -892,8 +855,7 @@ if triton is not None:
         (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored; the HPP heads share the
         tile's tables. JOINED: 16-bit keys' RoPE halves rebuilt by one product a chunk; in the folded pass of
         quantized keys, each scale group's even and odd channels in one product. PAIRED (folded, HPP 2 or 4,
-        quantized keys JOINED): two heads' products a tile are one. EXP: the buffer holds exp(score - the tile's
-        maximum) and STAT (sequence, query head, tile, 2) each tile's maximum and sum of those (`_store_scores`).
+        quantized keys JOINED): two heads' products a tile are one.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -992,72 +954,69 @@ if triton is not None:
             if QUANT:  # (the row length and the batch stride are multiples of ALIGN bytes)
                 zrow = tl.multiple_of(zrow, ALIGN)
             srow = b * stride_sb
-            stat = (STAT + b * stride_xb + tile * 2, stride_xh, tile * BT < TP)
             if FOLD:  # (the HPP heads share the tile's tables)
                 shared = (
-                    zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st, stat
+                    zk, tile, T, b, stride_zb, stride_zt, keep, stored, S, srow, t, cos, sin, stride_sh, stride_st
                 )  # fmt: skip
                 if PAIRED:
                     latents0, latents1 = _paired_step(
                         shared, latents0, latents1, head0, setup0, setup1, pairs01,
-                        BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN, EXP,
+                        BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN,
                     )  # fmt: skip
                     if HPP > 2:
                         latents2, latents3 = _paired_step(
                             shared, latents2, latents3, head0 + 2, setup2, setup3, pairs23,
-                            BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN, EXP,
+                            BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN,
                         )  # fmt: skip
                 else:
                     latents0 = _folded_step(
-                        shared, latents0, head0, setup0, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN, EXP
+                        shared, latents0, head0, setup0, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                     )
                     if HPP > 1:
                         latents1 = _folded_step(
-                            shared, latents1, head0 + 1, setup1, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN, EXP
+                            shared, latents1, head0 + 1, setup1, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                         )
                     if HPP > 2:
                         latents2 = _folded_step(
-                            shared, latents2, head0 + 2, setup2, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN, EXP
+                            shared, latents2, head0 + 2, setup2, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                         )
                         latents3 = _folded_step(
-                            shared, latents3, head0 + 3, setup3, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN, EXP
+                            shared, latents3, head0 + 3, setup3, BT, R1, R2, TMA, SLOTS, GROUP, HAS8, HAS4, ALIGN
                         )
             else:
                 shared = (
                     zk, zrow, in_range, keep, stored, S, srow, t, norm_lo, norm_hi, eps, cos, sin, scaling, stride_sh,
-                    stride_st, stat,
+                    stride_st,
                 )  # fmt: skip
                 _head_tile_scores(
                     shared, head0, g, setup0, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, TMA, EXP,
+                    HAS8, HAS4, ALIGN, JOINED, TMA,
                 )  # fmt: skip
                 if HPP > 1:
                     _head_tile_scores(
                         shared, head0 + 1, g, setup1, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA, EXP,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                     )  # fmt: skip
                 if HPP > 2:
                     _head_tile_scores(
                         shared, head0 + 2, g, setup2, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA, EXP,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                     )  # fmt: skip
                     _head_tile_scores(
                         shared, head0 + 3, g, setup3, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA, EXP,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
                     )  # fmt: skip
 
     @triton.jit
-    def _scores_tile(
-        S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT: tl.constexpr, EMPTY: tl.constexpr
-    ):  # fmt: skip
+    def _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT: tl.constexpr):
         """
-        A tile's token indices, which of them exist, and their scores (HP, BT) of every query head (EMPTY: none). The
-        buffer holds TP tokens (whole tiles, EMPTY beyond T): masked by TP, a multiple of 16, the loads vectorize.
+        A tile's token indices, which of them exist, and their scores (HP, BT) of every query head (-inf: none). The
+        buffer holds TP tokens (whole tiles, -inf beyond T): masked by TP, a multiple of 16, the loads vectorize.
         """
         t = tile * BT + tl.arange(0, BT)
         in_range = t < T
         mask = head_ok[:, None] & (t < TP)[None, :]
-        s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st, mask=mask, other=EMPTY)
+        s = tl.load(S + b * stride_sb + h[:, None] * stride_sh + t[None, :] * stride_st, mask=mask, other=float("-inf"))
         return t, in_range, s.to(tl.float32)
 
     @triton.jit
@@ -1068,19 +1027,6 @@ if triton is not None:
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-    @triton.jit
-    def _weights_step(e, stat, ok, m_i, l_i):
-        """
-        `_softmax_step` of a tile whose scores came exponentiated (HP, BT), exp(score - the tile's maximum), with that
-        maximum and their sum at `stat`: one exponential a head, not one a score.
-        """
-        m_t = tl.load(stat, mask=ok, other=float("-inf"))
-        l_t = tl.load(stat + 1, mask=ok, other=0.0)
-        m_new = tl.maximum(m_i, m_t)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha, beta = tl.exp(m_i - m_safe), tl.exp(m_t - m_safe)
-        return e * beta[:, None], alpha, m_new, l_i * alpha + l_t * beta
 
     @triton.jit
     def _value_tile(
@@ -1109,13 +1055,12 @@ if triton is not None:
 
     @triton.jit
     def _values_kernel(
-        S, ZV, ACC, MAX, SUM, LIKE, STAT,
+        S, ZV, ACC, MAX, SUM, LIKE,
         T, TP, tiles_per_split, num_heads, v_rank, v_n8, v_scales, v_size,
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
-        stride_xb, stride_xh,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-        TMA: tl.constexpr, APART: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr, EXP: tl.constexpr,
+        TMA: tl.constexpr, APART: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr,
     ):  # fmt: skip
         """
         TMA (16-bit latents): S and ZV are descriptors of the (sequence, head, token) scores and the (sequence, token,
@@ -1125,8 +1070,7 @@ if triton is not None:
         group, the program's RVB = GROUPS * GROUP columns being its groups' (APART: even and odd channels multiplied
         and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and v_size; HAS8 / HAS4:
         whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to. SWAP: the products
-        transposed, latents (columns, tokens) times weights (tokens, heads). EXP: S holds exp(score - the tile's
-        maximum) (0 for no token) and STAT each tile's maximum and sum of those: no exponentials here but one a tile.
+        transposed, latents (columns, tokens) times weights (tokens, heads).
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -1160,19 +1104,12 @@ if triton is not None:
                 s = _described_tile(S, (at[0], 0), at[1]).to(tl.float32)
                 z = _described_tile(ZV, at, block * RVB)
             else:
-                t, in_range, s = _scores_tile(
-                    S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT, 0.0 if EXP else float("-inf")
-                )
+                t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
                 z = _value_tile(
                     ZV, b * stride_zb + t * stride_zt, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size,
                     LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN, APART, MAGIC,
                 )  # fmt: skip
-            if EXP:
-                stat_ok = tl.where(tile * BT < TP, head_ok, False)
-                stat = STAT + b * stride_xb + h * stride_xh + tile * 2
-                p, alpha, m_i, l_i = _weights_step(s, stat, stat_ok, m_i, l_i)
-            else:
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
             if SWAP:
                 pt = tl.trans(p)
                 if APART:
@@ -1271,8 +1208,6 @@ DEFAULT_CONFIG = {
     # heads' products of a tile as one, each scale group's (or 16-bit rank chunk's) columns of both heads side by
     # side (4-bit MHA B16: N = 2 GROUP, 486 loop instructions, 2 tensor-core waits a tile, 124 registers). H100 4-bit,
     # the same rows: 0.603 / 0.170 / 0.088 / 0.027 ms (with 4 heads a program 0.646 / 0.179 / 0.098 / 0.028)
-    "exp_scores": False,  # the scores pass stores exp(score - its tile's maximum) (fp16 for 16-bit inputs) and each
-    # tile's maximum and sum: the values pass, whose programs each read every score, takes one exponential a head a tile
     "half_scores": "auto",  # fp16 scores buffer for 16-bit inputs (fp32 inputs: always fp32); auto: where G >= 2
     "scores_tma": "auto",  # scores pass: 16-bit aligned latents and RoPE tables by TMA (Hopper or the interpreter;
     # not under torch.compile): 124-128 registers instead of 154-155, same results bit for bit; H100 scores pass MHA
@@ -1568,8 +1503,7 @@ def latent_decode_attention(
     if cfg["scores_splits"]:
         per_split = -(-tiles // cfg["scores_splits"])
     padded = tiles * block_tokens  # the scores buffer holds whole tiles: aligned rows, stores and loads vectorize
-    exp_scores = bool(cfg["exp_scores"])
-    half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2 or exp_scores
+    half = cfg["half_scores"] if cfg["half_scores"] != "auto" else groups >= 2
     scores_dtype = torch.float16 if half and not exact else torch.float32
     if cfg["token_major_scores"]:
         scores = _alloc(batch, padded, num_heads, device=device, dtype=scores_dtype)
@@ -1577,7 +1511,6 @@ def latent_decode_attention(
     else:
         scores = _alloc(batch, num_heads, padded, device=device, dtype=scores_dtype)
         stride_sh, stride_st = scores.stride(1), scores.stride(2)
-    stats = _alloc(batch, num_heads, tiles, 2, device=device) if exp_scores else scores
     if not use_table:
         cos_t = sin_t = scores
     zk = zk2 = key_latents
@@ -1595,18 +1528,18 @@ def latent_decode_attention(
     paired = fold and (joined or not quant) and hpp > 1 and bool(cfg["paired_heads"])
     _scores_kernel[(num_kv_heads // hpp, _cdiv(tiles, per_split), batch)](
         query, zk, zk2, positions, valid_arg, k_up_weight, ranks, offsets, codec_table,
-        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t, stats,
+        k_bias if k_bias is not None else inv_freq, norm_weight, inv_freq, scores, cos_t, sin_t,
         tokens, padded, per_split, row_len,
         query.stride(0), query.stride(1), key_latents.stride(0), key_latents.stride(1), positions.stride(0),
         valid_arg.stride(0), k_up_weight.stride(0), scores.stride(0), stride_sh, stride_st,
-        *(cos_t.strides[:2] if tma else cos_t.stride()[:2]), stats.stride(0), stats.stride(1),
+        *(cos_t.strides[:2] if tma else cos_t.stride()[:2]),
         scaling, rope_scale, eps,
         G=groups, GP=_next_pow2(groups), HALF=head_dim // 2, R1=r1, R2=r2, BT=block_tokens, HPP=hpp,
         HAS_VALID=valid is not None, HAS_BIAS=k_bias is not None,
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=slots, **k_flags,
-        JOINED=joined, TMA=tma, FOLD=fold, PAIRED=paired, EXP=exp_scores,
+        JOINED=joined, TMA=tma, FOLD=fold, PAIRED=paired,
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 
@@ -1636,15 +1569,14 @@ def latent_decode_attention(
         s_arg = TensorDescriptor.from_tensor(scores, [1, heads_p2, block_tokens])
         zv = TensorDescriptor.from_tensor(value_latents, [1, block_tokens, value_block])
     _values_kernel[(value_programs, v_splits, batch)](
-        s_arg, zv, partial, maxes, sums, query, stats,
+        s_arg, zv, partial, maxes, sums, query,
         tokens, padded, v_per_split, num_heads, v_rank, *((v_codec.n8[0], v_codec.scale_offsets[0],
         _padded_code_bytes(v_codec)[0]) if quant else (0, 0, 0)),
         scores.stride(0), stride_sh, stride_st, value_latents.stride(0), value_latents.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
-        stats.stride(0), stats.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
         GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart,
-        SWAP=bool(cfg["values_swapped"]), MAGIC=bool(cfg["values_magic"]) and not exact, EXP=exp_scores,
+        SWAP=bool(cfg["values_swapped"]), MAGIC=bool(cfg["values_magic"]) and not exact,
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)

@@ -265,44 +265,14 @@ def test_scores_below_the_half_range_saturate(poisoned):
     check(case, torch.float16)
 
 
-@pytest.mark.parametrize("config", [{"half_scores": False}, {"half_scores": True}, {"exp_scores": True}])
-def test_nan_in_the_cache_shows_in_the_output(config):
+@pytest.mark.parametrize("half", [False, True])
+def test_nan_in_the_cache_shows_in_the_output(half):
     """A NaN key latent makes the output NaN, as in the reference: the fp16 scores buffer must not hide it."""
     case = make_case(1, 70, 2, 2, 64, [9, 30], 40, seed=13)
     case["key_latents"][0, 41] = float("nan")
     assert torch.isnan(kernels.latent_decode_reference(**cast(case, torch.float64))).any()
-    got = kernels.latent_decode_attention(**cast(case, torch.float16), config=config)
+    got = kernels.latent_decode_attention(**cast(case, torch.float16), config={"half_scores": half})
     assert torch.isnan(got).any()
-
-
-EXP_PATHS = {  # the scores passes that store exponentiated scores, each with the values pass after it
-    "gqa": {"rope_table": True},
-    "gqa angle addition, splits": {"scores_splits": 3, "values_splits": 2},
-    "mha folded, two heads paired": {"folded_scores": True, "heads_per_program": 2, "rope_table": True},
-    "mha unfolded, tiles of 32": {"folded_scores": False, "rope_table": True, "block_tokens": 32},
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", list(EXP_PATHS))
-def test_exponentiated_scores(poisoned, scores_launches, values_launches, dtype, path):
-    """Scores stored as exp(score - the tile's maximum) with each tile's maximum and sum (`exp_scores`): equal to the
-    reference, left-padded (a tile of padding only), ragged ranks, over several context splits."""
-    config = {"exp_scores": True, **EXP_PATHS[path]}
-    if path.startswith("gqa"):
-        case = make_case(2, 150, 2, 3, 64, [13, 19], 33, pad=70, bias=True, seed=4)
-    else:
-        case = make_case(3, 130, 4, 1, 128, [38, 17, 5, 36], 130, pad=5, seed=5)
-    check(case, dtype, config)
-    assert [launch["EXP"] for launch in scores_launches + values_launches] == [True, True]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [0, 1, 5])
-def test_exponentiated_scores_of_quantized_latents(poisoned, dtype, case):
-    """`exp_scores` with quantized latents: GQA, and MHA (folded, two heads a program), 4-bit values by their bits."""
-    config = {"exp_scores": True, "values_magic": True}
-    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config=config)
 
 
 QUANT_CASES = [  # groups, k_ranks, k_n8 per head, v_rank, v_n8, group, extras
