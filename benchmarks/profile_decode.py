@@ -103,6 +103,13 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values by their bits, 2 stages": {"values_magic": True, "values_stages": 2},
     "values by their bits, swapped": {"values_magic": True, "values_swapped": True},
     "values swapped": {"values_swapped": True},
+    "values scales prefetched": {"values_prefetch": True},
+    "values by their bits, scales prefetched": {"values_magic": True, "values_prefetch": True},
+    "values by their bits, swapped, scales prefetched": {
+        "values_magic": True,
+        "values_swapped": True,
+        "values_prefetch": True,
+    },
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
     # for quantized keys only: with 16-bit latents "default" and "unfolded" are the same pass)
     "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)

@@ -253,20 +253,25 @@ if triton is not None:
         return even.to(tl.float32), odd.to(tl.float32), scale
 
     @triton.jit
+    def _group_scales(ROWS, row, tok_ok, first, rank, n8, soff, NG: tl.constexpr, HG: tl.constexpr):
+        """The fp16 scales of NG groups first .. first + NG - 1 of a tile of tokens, (BT, NG) fp32 (0: no group)."""
+        groups = first + tl.arange(0, NG)
+        _, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
+        return _fp16_at(ROWS, row[:, None] + soff + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
+
+    @triton.jit
     def _group_latents(
-        ROWS, row, tok_ok, first, rank, n8, soff, size,
+        ROWS, row, tok_ok, first, rank, n8, scale, size,
         NG: tl.constexpr, HG: tl.constexpr, DTYPE: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
         ALIGN: tl.constexpr, MAGIC: tl.constexpr,
     ):  # fmt: skip
         """
         `_slot_latents` of NG groups at once, first .. first + NG - 1, of a block whose codes start each row: even and
-        odd channels (BT, NG, HG) each. (One group in two dimensions compiles to faster code for the keys; this is
-        for the values pass.)
+        odd channels (BT, NG, HG) each, given their `_group_scales`. (One group in two dimensions compiles to faster
+        code for the keys; this is for the values pass.)
         """
         groups = first + tl.arange(0, NG)
         at = tl.multiple_of(row, ALIGN)[:, None, None]
-        _, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
-        scale = _fp16_at(ROWS, row[:, None] + soff + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
         scale = scale[:, :, None]
         if MAGIC and HAS4 and not HAS8:  # (all 4-bit, n8 = 0): codes c as the 16-bit floats 2^E + c, less 2^E + 8
             b4 = groups[:, None] * HG + tl.arange(0, HG)[None, :]
@@ -1030,17 +1035,18 @@ if triton is not None:
 
     @triton.jit
     def _value_tile(
-        ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, DTYPE: tl.constexpr,
+        ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, scale, DTYPE: tl.constexpr,
         RVB: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr,
         HAS4: tl.constexpr, ALIGN: tl.constexpr, APART: tl.constexpr, MAGIC: tl.constexpr,
     ):  # fmt: skip
         """
         A tile's value latents, columns `rv` (BT, RVB), by pointers: 16-bit, or dequantized from the codec's rows; per
-        scale group (GROUPS > 0), with APART the even and the odd channels apart, (BT, RVB / 2) each.
+        scale group (GROUPS > 0, `scale` their `_group_scales`), with APART the even and the odd channels apart, (BT,
+        RVB / 2) each.
         """
         if GROUPS > 0:
             even, odd = _group_latents(
-                ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales,
+                ZV, row, in_range, block * GROUPS, v_rank, v_n8, scale,
                 tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, DTYPE, HAS8, HAS4, ALIGN, MAGIC,
             )  # fmt: skip
             if APART:
@@ -1060,7 +1066,7 @@ if triton is not None:
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-        TMA: tl.constexpr, APART: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr,
+        TMA: tl.constexpr, APART: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
     ):  # fmt: skip
         """
         TMA (16-bit latents): S and ZV are descriptors of the (sequence, head, token) scores and the (sequence, token,
@@ -1070,7 +1076,8 @@ if triton is not None:
         group, the program's RVB = GROUPS * GROUP columns being its groups' (APART: even and odd channels multiplied
         and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and v_size; HAS8 / HAS4:
         whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to. SWAP: the products
-        transposed, latents (columns, tokens) times weights (tokens, heads).
+        transposed, latents (columns, tokens) times weights (tokens, heads). PREFETCH: each next tile's scales (by
+        group) loaded while a tile is worked on, not waited for at once (2-byte loads are not copied asynchronously).
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -1098,6 +1105,11 @@ if triton is not None:
         m_i = tl.full([HP], float("-inf"), tl.float32)
         l_i = tl.zeros([HP], tl.float32)
         first = split * tiles_per_split
+        if GROUPS > 0 and PREFETCH:  # the first tile's scales
+            t = first * BT + tl.arange(0, BT)
+            scale = _group_scales(
+                ZV, b * stride_zb + t * stride_zt, t < T, block * GROUPS, v_rank, v_n8, v_scales, GROUPS, GROUP // 2
+            )
         for tile in range(first, first + tiles_per_split):
             if TMA:  # (heads past num_heads read 0, not -inf: their rows are never stored)
                 at = (tl.program_id(2), tile * BT)
@@ -1105,8 +1117,21 @@ if triton is not None:
                 z = _described_tile(ZV, at, block * RVB)
             else:
                 t, in_range, s = _scores_tile(S, b, h, head_ok, tile, T, TP, stride_sb, stride_sh, stride_st, BT)
+                row = b * stride_zb + t * stride_zt
+                tile_scale = 0.0  # (by group: the tile's scales)
+                if GROUPS > 0:
+                    if PREFETCH:
+                        tile_scale = scale
+                        scale = _group_scales(
+                            ZV, row + BT * stride_zt, t + BT < T, block * GROUPS, v_rank, v_n8, v_scales, GROUPS,
+                            GROUP // 2,
+                        )  # fmt: skip
+                    else:
+                        tile_scale = _group_scales(
+                            ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales, GROUPS, GROUP // 2
+                        )
                 z = _value_tile(
-                    ZV, b * stride_zb + t * stride_zt, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size,
+                    ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, tile_scale,
                     LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN, APART, MAGIC,
                 )  # fmt: skip
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
@@ -1224,6 +1249,7 @@ DEFAULT_CONFIG = {
     # G = 1. H100 4-bit values pass ms: MHA B16 0.600 -> 0.542, B1 64K 0.101 -> 0.097; GQA B16 0.173 -> 0.378 (1070
     # loop instructions and 249 registers against 633 and 150; at 128 columns and 8 warps 0.183)
     "values_magic": False,  # 4-bit values: codes made 16-bit floats by their bits (no integer conversion)
+    "values_prefetch": False,  # quantized values by group: each next tile's scales loaded a tile ahead
     "values_swapped": False,  # values pass: products transposed, the latents (columns, tokens) times the weights
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
@@ -1577,6 +1603,7 @@ def latent_decode_attention(
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
         GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart,
         SWAP=bool(cfg["values_swapped"]), MAGIC=bool(cfg["values_magic"]) and not exact,
+        PREFETCH=bool(cfg["values_prefetch"]),
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)

@@ -668,15 +668,26 @@ def test_quantized_value_pairs_apart(poisoned, values_launches, dtype, case):
     assert [launch["APART"] for launch in values_launches] == [True]
 
 
+VALUES_SETTINGS = [  # (values_magic, values_swapped, values_prefetch)
+    (True, False, False),
+    (True, True, False),
+    (False, True, False),
+    (False, False, True),
+    (True, True, True),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [1, 5, 8])
-@pytest.mark.parametrize("swapped", [False, True])
-def test_quantized_values_by_their_bits(poisoned, values_launches, dtype, case, swapped):
-    """4-bit values made 16-bit floats by their bits (`values_magic`: 16-bit inputs only), with the values products
-    transposed or not (`values_swapped`): a ragged last group, rows in whole words."""
-    config = {"values_magic": True, "values_swapped": swapped}
+@pytest.mark.parametrize("case", [1, 3, 5, 8])
+@pytest.mark.parametrize("magic, swapped, prefetch", VALUES_SETTINGS)
+def test_quantized_values_settings(poisoned, values_launches, dtype, case, magic, swapped, prefetch):
+    """The values pass's settings for quantized values by group: 4-bit values made 16-bit floats by their bits
+    (`values_magic`: 16-bit inputs, blocks of 4 bits only), the products transposed (`values_swapped`), each next
+    tile's scales loaded a tile ahead (`values_prefetch`); a ragged last group, 8-bit groups, rows in whole words."""
+    config = {"values_magic": magic, "values_swapped": swapped, "values_prefetch": prefetch}
     check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config=config)
-    assert [(launch["MAGIC"], launch["SWAP"]) for launch in values_launches] == [(dtype != torch.float32, swapped)]
+    launch = {key: values_launches[0][key] for key in ("MAGIC", "SWAP", "PREFETCH")}
+    assert launch == {"MAGIC": magic and dtype != torch.float32, "SWAP": swapped, "PREFETCH": prefetch}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
