@@ -98,18 +98,7 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values pairs together": {"values_pairs_apart": False},
     "values block 256, pairs apart": {"value_block": 256, "values_pairs_apart": True},
     "values block 128, 8 warps, pairs apart": {"value_block": 128, "values_warps": 8, "values_pairs_apart": True},
-    # 4-bit values made 16-bit floats by their bits; the products transposed (latents x weights: wgmma)
-    "values by their bits": {"values_magic": True},
-    "values by their bits, 2 stages": {"values_magic": True, "values_stages": 2},
-    "values by their bits, swapped": {"values_magic": True, "values_swapped": True},
-    "values swapped": {"values_swapped": True},
-    "values scales prefetched": {"values_prefetch": True},
-    "values by their bits, scales prefetched": {"values_magic": True, "values_prefetch": True},
-    "values by their bits, swapped, scales prefetched": {
-        "values_magic": True,
-        "values_swapped": True,
-        "values_prefetch": True,
-    },
+    "values scales not prefetched": {"values_prefetch": False},  # (quantized values by group)
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
     # for quantized keys only: with 16-bit latents "default" and "unfolded" are the same pass)
     "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)

@@ -263,7 +263,7 @@ if triton is not None:
     def _group_latents(
         ROWS, row, tok_ok, first, rank, n8, scale, size,
         NG: tl.constexpr, HG: tl.constexpr, DTYPE: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
-        ALIGN: tl.constexpr, MAGIC: tl.constexpr,
+        ALIGN: tl.constexpr,
     ):  # fmt: skip
         """
         `_slot_latents` of NG groups at once, first .. first + NG - 1, of a block whose codes start each row: even and
@@ -273,17 +273,6 @@ if triton is not None:
         groups = first + tl.arange(0, NG)
         at = tl.multiple_of(row, ALIGN)[:, None, None]
         scale = scale[:, :, None]
-        if MAGIC and HAS4 and not HAS8:  # (all 4-bit, n8 = 0): codes c as the 16-bit floats 2^E + c, less 2^E + 8
-            b4 = groups[:, None] * HG + tl.arange(0, HG)[None, :]
-            raw = tl.load(ROWS + at + b4, mask=tok_ok[:, None, None] & (b4 < size), other=0).to(tl.int16)
-            if DTYPE == tl.bfloat16:  # 2^7: bf16's 7 fraction bits hold c
-                exponent, offset = 0x4300, tl.full([1, 1, 1], 136.0, DTYPE)
-            else:  # 2^10 for fp16
-                exponent, offset = 0x6400, tl.full([1, 1, 1], 1032.0, DTYPE)
-            even = ((raw & 15) | exponent).to(tl.int16).to(DTYPE, bitcast=True) - offset
-            odd = ((raw >> 4) | exponent).to(tl.int16).to(DTYPE, bitcast=True) - offset
-            scale = scale.to(DTYPE)
-            return even * scale, odd * scale
         even, odd = _group_codes(
             ROWS, at, tok_ok[:, None, None], groups[:, None], rank, n8, size, HG, HAS8, HAS4, ALIGN
         )
@@ -1037,7 +1026,7 @@ if triton is not None:
     def _value_tile(
         ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, scale, DTYPE: tl.constexpr,
         RVB: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr,
-        HAS4: tl.constexpr, ALIGN: tl.constexpr, APART: tl.constexpr, MAGIC: tl.constexpr,
+        HAS4: tl.constexpr, ALIGN: tl.constexpr, APART: tl.constexpr,
     ):  # fmt: skip
         """
         A tile's value latents, columns `rv` (BT, RVB), by pointers: 16-bit, or dequantized from the codec's rows; per
@@ -1047,7 +1036,7 @@ if triton is not None:
         if GROUPS > 0:
             even, odd = _group_latents(
                 ZV, row, in_range, block * GROUPS, v_rank, v_n8, scale,
-                tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, DTYPE, HAS8, HAS4, ALIGN, MAGIC,
+                tl.multiple_of(v_size, ALIGN), GROUPS, GROUP // 2, DTYPE, HAS8, HAS4, ALIGN,
             )  # fmt: skip
             if APART:
                 z = tl.reshape(even, [row.shape[0], RVB // 2]), tl.reshape(odd, [row.shape[0], RVB // 2])
@@ -1066,7 +1055,7 @@ if triton is not None:
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-        TMA: tl.constexpr, APART: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr, PREFETCH: tl.constexpr,
+        TMA: tl.constexpr, APART: tl.constexpr, PREFETCH: tl.constexpr,
     ):  # fmt: skip
         """
         TMA (16-bit latents): S and ZV are descriptors of the (sequence, head, token) scores and the (sequence, token,
@@ -1075,9 +1064,9 @@ if triton is not None:
         v_size bytes padded; scales from byte v_scales), dequantized here: per value, or with GROUPS > 0 per scale
         group, the program's RVB = GROUPS * GROUP columns being its groups' (APART: even and odd channels multiplied
         and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and v_size; HAS8 / HAS4:
-        whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to. SWAP: the products
-        transposed, latents (columns, tokens) times weights (tokens, heads). PREFETCH: each next tile's scales (by
-        group) loaded while a tile is worked on, not waited for at once (2-byte loads are not copied asynchronously).
+        whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to. PREFETCH: each next
+        tile's scales (by group) loaded while a tile is worked on, not waited for at once (2-byte loads are not
+        copied asynchronously).
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -1095,12 +1084,9 @@ if triton is not None:
         else:
             rv = block * RVB + tl.arange(0, RVB)
             rv_ok = rv < v_rank
-        if SWAP:
-            acc = tl.zeros([rv.shape[0], HP], tl.float32)
-        else:
-            acc = tl.zeros([HP, rv.shape[0]], tl.float32)
+        acc = tl.zeros([HP, rv.shape[0]], tl.float32)
         if APART:
-            acc_odd = tl.zeros_like(acc)
+            acc_odd = tl.zeros([HP, rv.shape[0]], tl.float32)
         head_ok = h < num_heads
         m_i = tl.full([HP], float("-inf"), tl.float32)
         l_i = tl.zeros([HP], tl.float32)
@@ -1132,28 +1118,16 @@ if triton is not None:
                         )
                 z = _value_tile(
                     ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, tile_scale,
-                    LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN, APART, MAGIC,
+                    LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN, APART,
                 )  # fmt: skip
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
-            if SWAP:
-                pt = tl.trans(p)
-                if APART:
-                    pt = pt.to(z[0].dtype)
-                    acc = tl.dot(tl.trans(z[0]), pt, acc * alpha[None, :], input_precision=PRECISION)
-                    acc_odd = tl.dot(tl.trans(z[1]), pt, acc_odd * alpha[None, :], input_precision=PRECISION)
-                else:
-                    acc = tl.dot(tl.trans(z), pt.to(z.dtype), acc * alpha[None, :], input_precision=PRECISION)
-            elif APART:
+            if APART:
                 p = p.to(z[0].dtype)
                 acc = tl.dot(p, z[0], acc * alpha[:, None], input_precision=PRECISION)
                 acc_odd = tl.dot(p, z[1], acc_odd * alpha[:, None], input_precision=PRECISION)
             else:
                 acc = tl.dot(p.to(z.dtype), z, acc * alpha[:, None], input_precision=PRECISION)
         out = ACC + b * stride_ab + split * stride_as + h[:, None] * stride_ah + rv[None, :]
-        if SWAP:
-            acc = tl.trans(acc)
-            if APART:
-                acc_odd = tl.trans(acc_odd)
         tl.store(out, acc, mask=head_ok[:, None] & rv_ok[None, :])
         if APART:
             tl.store(out + 1, acc_odd, mask=head_ok[:, None] & rv_odd_ok[None, :])
@@ -1248,9 +1222,9 @@ DEFAULT_CONFIG = {
     # own, never interleaved per tile (sass_report, 4-bit MHA B16: 469 loop instructions against 571). auto: where
     # G = 1. H100 4-bit values pass ms: MHA B16 0.600 -> 0.542, B1 64K 0.101 -> 0.097; GQA B16 0.173 -> 0.378 (1070
     # loop instructions and 249 registers against 633 and 150; at 128 columns and 8 warps 0.183)
-    "values_magic": False,  # 4-bit values: codes made 16-bit floats by their bits (no integer conversion)
-    "values_prefetch": False,  # quantized values by group: each next tile's scales loaded a tile ahead
-    "values_swapped": False,  # values pass: products transposed, the latents (columns, tokens) times the weights
+    "values_prefetch": True,  # quantized values by group: each next tile's scales loaded a tile ahead, not waited
+    # for at once (2-byte loads are not copied asynchronously). H100 4-bit values pass ms, MHA / GQA B16: 0.596 ->
+    # 0.548 / 0.175 -> 0.162
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1602,7 +1576,6 @@ def latent_decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
         GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart,
-        SWAP=bool(cfg["values_swapped"]), MAGIC=bool(cfg["values_magic"]) and not exact,
         PREFETCH=bool(cfg["values_prefetch"]),
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip

@@ -668,26 +668,14 @@ def test_quantized_value_pairs_apart(poisoned, values_launches, dtype, case):
     assert [launch["APART"] for launch in values_launches] == [True]
 
 
-VALUES_SETTINGS = [  # (values_magic, values_swapped, values_prefetch)
-    (True, False, False),
-    (True, True, False),
-    (False, True, False),
-    (False, False, True),
-    (True, True, True),
-]
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [1, 3, 5, 8])
-@pytest.mark.parametrize("magic, swapped, prefetch", VALUES_SETTINGS)
-def test_quantized_values_settings(poisoned, values_launches, dtype, case, magic, swapped, prefetch):
-    """The values pass's settings for quantized values by group: 4-bit values made 16-bit floats by their bits
-    (`values_magic`: 16-bit inputs, blocks of 4 bits only), the products transposed (`values_swapped`), each next
-    tile's scales loaded a tile ahead (`values_prefetch`); a ragged last group, 8-bit groups, rows in whole words."""
-    config = {"values_magic": magic, "values_swapped": swapped, "values_prefetch": prefetch}
-    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config=config)
-    launch = {key: values_launches[0][key] for key in ("MAGIC", "SWAP", "PREFETCH")}
-    assert launch == {"MAGIC": magic and dtype != torch.float32, "SWAP": swapped, "PREFETCH": prefetch}
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_quantized_value_scales_prefetched(poisoned, values_launches, dtype, case, prefetch):
+    """The values pass by scale group with each next tile's scales loaded a tile ahead (`values_prefetch`, the
+    default) or each tile's when it is worked on: a ragged last group, 8-bit groups, rows in whole words."""
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"values_prefetch": prefetch})
+    assert [launch["PREFETCH"] for launch in values_launches] == [prefetch]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
