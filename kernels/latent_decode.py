@@ -230,26 +230,30 @@ if triton is not None:
     def _slot_latents(
         ROWS, row, tok_ok, s, rank, codec,
         HG: tl.constexpr, DTYPE: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        WORDS: tl.constexpr,
     ):  # fmt: skip
         """
         Scale group `s` of a block's latents for a tile of tokens (`row`: each token's first byte), even and odd
         channels (BT, HG) each, dequantized from whole code bytes and one scale per token. Channels past the group's
         end come out as arbitrary finite values (whatever multiplies them must be zero there).
         """
-        even, odd, scale = _slot_codes(ROWS, row, tok_ok, s, rank, codec, HG, HAS8, HAS4, ALIGN)
+        even, odd, scale = _slot_codes(ROWS, row, tok_ok, s, rank, codec, HG, HAS8, HAS4, ALIGN, WORDS)
         return (even * scale).to(DTYPE), (odd * scale).to(DTYPE)
 
     @triton.jit
     def _slot_codes(
         ROWS, row, tok_ok, s, rank, codec,
-        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        HG: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
-        """`_slot_latents` before the scale: even and odd codes (BT, HG) as fp32, and each token's scale (BT, 1)."""
+        """
+        `_slot_latents` before the scale: even and odd codes (BT, HG) as fp32, and each token's scale (BT, 1) (WORDS,
+        ALIGN >= 4: read from its 4-byte word, see `_fp16_at`).
+        """
         n8, boff, soff, size = codec
         at = tl.multiple_of(row + boff, ALIGN)[:, None]
         even, odd = _group_codes(ROWS, at, tok_ok[:, None], s, rank, n8, size, HG, HAS8, HAS4, ALIGN)
         _, base, end = _slot(s, rank, n8, HG)
-        scale = _fp16_at(ROWS, row + soff + 2 * s, tok_ok & (row * 0 + base < end))[:, None]
+        scale = _fp16_at(ROWS, row + soff + 2 * s, tok_ok & (row * 0 + base < end), WORDS and ALIGN >= 4)[:, None]
         return even.to(tl.float32), odd.to(tl.float32), scale
 
     @triton.jit
@@ -279,8 +283,15 @@ if triton is not None:
         return (even.to(tl.float32) * scale).to(DTYPE), (odd.to(tl.float32) * scale).to(DTYPE)
 
     @triton.jit
-    def _fp16_at(ROWS, at, ok):
-        """fp16 values at even byte offsets `at` of the rows, as fp32."""
+    def _fp16_at(ROWS, at, ok, WORDS: tl.constexpr = False):
+        """
+        fp16 values at even byte offsets `at` of the rows, as fp32. WORDS (rows 4-byte aligned): each read as half of
+        the 4-byte word it lies in, a load triton copies asynchronously (2-byte loads it waits for where they stand).
+        """
+        if WORDS:
+            word = tl.load((ROWS + (at & -4)).to(tl.pointer_type(tl.int32)), mask=ok, other=0)
+            bits = tl.where((at & 2) != 0, word >> 16, word) & 0xFFFF
+            return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         return tl.load((ROWS + at).to(tl.pointer_type(tl.float16)), mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
@@ -344,10 +355,12 @@ if triton is not None:
     @triton.jit
     def _slot_dot(
         ROWS, row, tok_ok, s, rank, codec, we_lo, we_hi, wo_lo, wo_hi, k_lo, k_hi,
-        PRECISION: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
+        PRECISION: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         """Adds scale group `s`'s share of a head's keys: its dequantized latents times its up-projection rows."""
-        even, odd = _slot_latents(ROWS, row, tok_ok, s, rank, codec, we_lo.shape[0], we_lo.dtype, HAS8, HAS4, ALIGN)
+        even, odd = _slot_latents(
+            ROWS, row, tok_ok, s, rank, codec, we_lo.shape[0], we_lo.dtype, HAS8, HAS4, ALIGN, WORDS
+        )
         k_lo = tl.dot(even, we_lo, k_lo, input_precision=PRECISION)
         k_hi = tl.dot(even, we_hi, k_hi, input_precision=PRECISION)
         k_lo = tl.dot(odd, wo_lo, k_lo, input_precision=PRECISION)
@@ -358,7 +371,7 @@ if triton is not None:
         ZK, zrow, tok_ok, start, limit, wts, codec,
         R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr,
         SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr,
-        TMA: tl.constexpr,
+        TMA: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         """
         One KV head's keys of a tile, (BT, HALF) twice, fp32: its latents times its up-projection (tensor cores).
@@ -371,13 +384,13 @@ if triton is not None:
         if SLOTS > 0:
             k_lo = tl.zeros([zrow.shape[0], wts[0].shape[1]], tl.float32)
             k_lo, k_hi = _slot_dot(ZK, zrow, tok_ok, 0, limit, codec, wts[0], wts[1], wts[2], wts[3], k_lo, k_lo,
-                                   PRECISION, HAS8, HAS4, ALIGN)  # fmt: skip
+                                   PRECISION, HAS8, HAS4, ALIGN, WORDS)  # fmt: skip
             if SLOTS > 1:
                 k_lo, k_hi = _slot_dot(ZK, zrow, tok_ok, 1, limit, codec, wts[4], wts[5], wts[6], wts[7], k_lo, k_hi,
-                                       PRECISION, HAS8, HAS4, ALIGN)  # fmt: skip
+                                       PRECISION, HAS8, HAS4, ALIGN, WORDS)  # fmt: skip
             if SLOTS > 2:
                 k_lo, k_hi = _slot_dot(ZK, zrow, tok_ok, 2, limit, codec, wts[8], wts[9], wts[10], wts[11], k_lo,
-                                       k_hi, PRECISION, HAS8, HAS4, ALIGN)  # fmt: skip
+                                       k_hi, PRECISION, HAS8, HAS4, ALIGN, WORDS)  # fmt: skip
         else:
             c = tl.arange(0, R1)
             if QUANT:
@@ -410,11 +423,12 @@ if triton is not None:
         HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_NORM: tl.constexpr, DTYPE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
         HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
+        WORDS: tl.constexpr,
     ):  # fmt: skip
         """A head's keys of a tile rebuilt (+ bias, + k-norm) and rotated, in the query dtype: (BT, HALF) twice."""
         k_lo, k_hi = _head_keys(
             ZK, zrow, tok_ok, start, limit, wts, codec, R1, R2, PRECISION, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN,
-            JOINED, TMA,
+            JOINED, TMA, WORDS,
         )  # fmt: skip
         if HAS_BIAS:
             k_lo += bias_lo[None, :]
@@ -623,12 +637,12 @@ if triton is not None:
             zrow = b * stride_zb + t * stride_zt
         if SLOTS > 0:
             zrow = tl.multiple_of(zrow, ALIGN)
-            c0 = _slot_codes(ZK, zrow, in_range, 0, limit, codec, HG, HAS8, HAS4, ALIGN)
+            c0 = _slot_codes(ZK, zrow, in_range, 0, limit, codec, HG, HAS8, HAS4, ALIGN, False)
             c1, c2 = c0, c0
             if SLOTS > 1:
-                c1 = _slot_codes(ZK, zrow, in_range, 1, limit, codec, HG, HAS8, HAS4, ALIGN)
+                c1 = _slot_codes(ZK, zrow, in_range, 1, limit, codec, HG, HAS8, HAS4, ALIGN, False)
             if SLOTS > 2:
-                c2 = _slot_codes(ZK, zrow, in_range, 2, limit, codec, HG, HAS8, HAS4, ALIGN)
+                c2 = _slot_codes(ZK, zrow, in_range, 2, limit, codec, HG, HAS8, HAS4, ALIGN, False)
             latents = (c0, c1, c2)
         else:
             z1 = _latent_chunk(ZK, zrow, in_range, start, limit, 0, R1, TMA)
@@ -778,6 +792,7 @@ if triton is not None:
         G: tl.constexpr, HALF: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, PRECISION: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr,
         HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr,
+        WORDS: tl.constexpr,
     ):  # fmt: skip
         """
         Scores of a KV head's G query heads over one tile, stored to the scores buffer (-inf where not `keep`) for the
@@ -792,7 +807,7 @@ if triton is not None:
         rot_lo, rot_hi = _rotated_keys(
             ZK, zrow, in_range, start, limit, wts, codec, bias_lo, bias_hi, norm_lo, norm_hi, eps, cos, sin,
             HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, q_lo.dtype, QUANT, GROUP, SLOTS, HAS8, HAS4, ALIGN, JOINED,
-            TMA,
+            TMA, WORDS,
         )  # fmt: skip
         if JOINED:  # one product over the whole head dimension
             rot = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
@@ -836,6 +851,7 @@ if triton is not None:
         EXACT_ROPE: tl.constexpr, ROPE_TABLE: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
         QUANT: tl.constexpr, GROUP: tl.constexpr, SLOTS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
         ALIGN: tl.constexpr, JOINED: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr, PAIRED: tl.constexpr,
+        WORDS: tl.constexpr,
     ):  # fmt: skip
         """
         HPP (1, 2 or 4) KV heads per program: each head's weights and queries stay on the chip for all its tiles, and
@@ -849,7 +865,8 @@ if triton is not None:
         (`_folded_tile_scores`), each next tile's latents loaded while a tile is scored; the HPP heads share the
         tile's tables. JOINED: 16-bit keys' RoPE halves rebuilt by one product a chunk; in the folded pass of
         quantized keys, each scale group's even and odd channels in one product. PAIRED (folded, HPP 2 or 4,
-        quantized keys JOINED): two heads' products a tile are one.
+        quantized keys JOINED): two heads' products a tile are one. WORDS (quantized keys unfolded, ALIGN >= 4):
+        each token's scales read from their 4-byte words, loads triton copies asynchronously a tile ahead.
         """
         # fp32 scalars whatever launches this (torch.compile passes Python floats as fp64, which made the score math
         # fp64: 0.69 against 0.63 ms a layer at 34 x 32K on the H100, 1.09 against 0.63 with an fp16 scores buffer)
@@ -984,21 +1001,21 @@ if triton is not None:
                 )  # fmt: skip
                 _head_tile_scores(
                     shared, head0, g, setup0, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP, SLOTS,
-                    HAS8, HAS4, ALIGN, JOINED, TMA,
+                    HAS8, HAS4, ALIGN, JOINED, TMA, WORDS,
                 )  # fmt: skip
                 if HPP > 1:
                     _head_tile_scores(
                         shared, head0 + 1, g, setup1, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA, WORDS,
                     )  # fmt: skip
                 if HPP > 2:
                     _head_tile_scores(
                         shared, head0 + 2, g, setup2, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA, WORDS,
                     )  # fmt: skip
                     _head_tile_scores(
                         shared, head0 + 3, g, setup3, G, HALF, R1, R2, PRECISION, HAS_BIAS, HAS_NORM, QUANT, GROUP,
-                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA,
+                        SLOTS, HAS8, HAS4, ALIGN, JOINED, TMA, WORDS,
                     )  # fmt: skip
 
     @triton.jit
@@ -1195,6 +1212,9 @@ DEFAULT_CONFIG = {
     "rank_pad": 16,  # key-rank tiles padded to a multiple of this (two power-of-two dots), or 0: next power of two
     "aligned_latents": True,  # 16-byte key-latent loads from an 8-aligned column (when the row length allows)
     "grouped_values": True,  # quantized values dequantized per scale group (else per value, as groups of 16 are)
+    "key_scale_words": False,  # the unfolded pass of quantized keys by group (rows 4-byte aligned): each token's fp16
+    # scale read as half of its 4-byte word, which triton copies asynchronously a tile ahead (its 2-byte loads it waits
+    # for in the tile: sass_report, 4-bit GQA B16, LDG.E.U16 -> LDGSTS.E.64, 529 -> 549 loop instructions). Not timed
     "grouped_keys": True,  # quantized keys: dequantized per scale group (whole code bytes, one scale per token)
     "joined_halves": True,  # keys rebuilt by one product of 2 x HALF columns a chunk and scored by one over the head
     # dimension (16-bit latents): 3 tensor-core waits a tile instead of 6, 154 registers instead of 167; H100 scores
@@ -1539,7 +1559,7 @@ def latent_decode_attention(
         HAS_NORM=k_norm is not None, EXACT_ROPE=exact,
         ROPE_TABLE=use_table, ALIGNED=aligned, PRECISION=precision, QUANT=quant, GROUP=group,
         SLOTS=slots, **k_flags,
-        JOINED=joined, TMA=tma, FOLD=fold, PAIRED=paired,
+        JOINED=joined, TMA=tma, FOLD=fold, PAIRED=paired, WORDS=bool(cfg["key_scale_words"]),
         num_warps=cfg["scores_warps"], num_stages=cfg["scores_stages_tables" if use_table else "scores_stages"],
     )  # fmt: skip
 

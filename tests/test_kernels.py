@@ -322,10 +322,12 @@ GUARDED_CASES = [case for case in QUANT_CASES if not case[-1].get("embedded")] +
 
 
 @pytest.mark.parametrize("groups, k_ranks, k_n8, v_rank, v_n8, group, extras", GUARDED_CASES)
-def test_quantized_reads_stay_inside_the_rows(guards, groups, k_ranks, k_n8, v_rank, v_n8, group, extras):
+@pytest.mark.parametrize("config", [None, {"key_scale_words": True}])
+def test_quantized_reads_stay_inside_the_rows(guards, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config):
     """No active lane of the kernel's loads touches the 64 bytes before or after the rows: masks must switch off
-    lanes that point outside, not only discard what they read (every quantized case: grouped and per-value reads)."""
-    check_quantized(torch.float32, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, place=guards)
+    lanes that point outside, not only discard what they read (every quantized case: grouped and per-value reads;
+    key scales read as 4-byte words)."""
+    check_quantized(torch.float32, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=config, place=guards)
     assert len(guards.zones) == 4 and not guards.hits, guards.hits[:8]
 
 
@@ -676,6 +678,16 @@ def test_quantized_value_scales_prefetched(poisoned, values_launches, dtype, cas
     default) or each tile's when it is worked on: a ragged last group, 8-bit groups, rows in whole words."""
     check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"values_prefetch": prefetch})
     assert [launch["PREFETCH"] for launch in values_launches] == [prefetch]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [0, 5, 7, 8, 9, 10, 11])
+def test_quantized_key_scales_read_as_words(poisoned, scores_launches, dtype, case):
+    """`key_scale_words`: the unfolded pass reads each token's key scales from their 4-byte words where rows are
+    4-byte aligned (cases 5-10: whole words, 8- and 16-byte rows; scales at both halves of a word), and as 2-byte
+    values where they are not (cases 0 and 11, a slice of a larger cache)."""
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"key_scale_words": True})
+    assert [(launch["WORDS"], launch["FOLD"]) for launch in scores_launches] == [(True, False)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
