@@ -100,6 +100,8 @@ VARIANTS = {  # the "scores" column compares the scores pass, "values" the value
     "values block 128, 8 warps, pairs apart": {"value_block": 128, "values_warps": 8, "values_pairs_apart": True},
     "values scales not prefetched": {"values_prefetch": False},  # (quantized values by group)
     "scores key scales as words": {"key_scale_words": True},  # (quantized keys, unfolded: G > 1)
+    "values scales as words": {"value_scale_words": True, "values_prefetch": False},  # (rows 4-byte aligned)
+    "values scales as words, prefetched": {"value_scale_words": True},
     # G = 1: the query folded into the up-projection, the RoPE tables times that on the tensor cores (the default
     # for quantized keys only: with 16-bit latents "default" and "unfolded" are the same pass)
     "scores unfolded": {"folded_scores": False},  # (keys rebuilt, rotated and scored, as for G > 1)

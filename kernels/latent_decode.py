@@ -257,11 +257,17 @@ if triton is not None:
         return even.to(tl.float32), odd.to(tl.float32), scale
 
     @triton.jit
-    def _group_scales(ROWS, row, tok_ok, first, rank, n8, soff, NG: tl.constexpr, HG: tl.constexpr):
-        """The fp16 scales of NG groups first .. first + NG - 1 of a tile of tokens, (BT, NG) fp32 (0: no group)."""
+    def _group_scales(
+        ROWS, row, tok_ok, first, rank, n8, soff, NG: tl.constexpr, HG: tl.constexpr, WORDS: tl.constexpr
+    ):  # fmt: skip
+        """
+        The fp16 scales of NG groups first .. first + NG - 1 of a tile of tokens, (BT, NG) fp32 (0: no group); WORDS
+        (rows 4-byte aligned): read from their 4-byte words (`_fp16_at`).
+        """
         groups = first + tl.arange(0, NG)
         _, base, end = _slot(groups, rank, n8, HG)  # (NG,) each
-        return _fp16_at(ROWS, row[:, None] + soff + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :])
+        at, ok = row[:, None] + soff + 2 * groups[None, :], tok_ok[:, None] & (base < end)[None, :]
+        return _fp16_at(ROWS, at, ok, WORDS)
 
     @triton.jit
     def _group_latents(
@@ -1072,7 +1078,7 @@ if triton is not None:
         stride_sb, stride_sh, stride_st, stride_zb, stride_zt, stride_ab, stride_as, stride_ah, stride_mb, stride_ms,
         HP: tl.constexpr, RVB: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr,
         GROUP: tl.constexpr, GROUPS: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, ALIGN: tl.constexpr,
-        TMA: tl.constexpr, APART: tl.constexpr, PREFETCH: tl.constexpr,
+        TMA: tl.constexpr, APART: tl.constexpr, PREFETCH: tl.constexpr, WORDS: tl.constexpr,
     ):  # fmt: skip
         """
         TMA (16-bit latents): S and ZV are descriptors of the (sequence, head, token) scores and the (sequence, token,
@@ -1083,7 +1089,7 @@ if triton is not None:
         and accumulated apart, no interleaving per tile). ALIGN divides the row strides, v_n8 and v_size; HAS8 / HAS4:
         whether 8-bit / 4-bit groups occur. LIKE: a tensor of the dtype they are dequantized to. PREFETCH: each next
         tile's scales (by group) loaded while a tile is worked on, not waited for at once (2-byte loads are not
-        copied asynchronously).
+        copied asynchronously). WORDS (ALIGN >= 4): the scales read from their 4-byte words, which are.
         """
         block = tl.program_id(0)
         split = tl.program_id(1)
@@ -1111,8 +1117,9 @@ if triton is not None:
         if GROUPS > 0 and PREFETCH:  # the first tile's scales
             t = first * BT + tl.arange(0, BT)
             scale = _group_scales(
-                ZV, b * stride_zb + t * stride_zt, t < T, block * GROUPS, v_rank, v_n8, v_scales, GROUPS, GROUP // 2
-            )
+                ZV, b * stride_zb + t * stride_zt, t < T, block * GROUPS, v_rank, v_n8, v_scales, GROUPS, GROUP // 2,
+                WORDS and ALIGN >= 4,
+            )  # fmt: skip
         for tile in range(first, first + tiles_per_split):
             if TMA:  # (heads past num_heads read 0, not -inf: their rows are never stored)
                 at = (tl.program_id(2), tile * BT)
@@ -1127,12 +1134,13 @@ if triton is not None:
                         tile_scale = scale
                         scale = _group_scales(
                             ZV, row + BT * stride_zt, t + BT < T, block * GROUPS, v_rank, v_n8, v_scales, GROUPS,
-                            GROUP // 2,
+                            GROUP // 2, WORDS and ALIGN >= 4,
                         )  # fmt: skip
                     else:
                         tile_scale = _group_scales(
-                            ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales, GROUPS, GROUP // 2
-                        )
+                            ZV, row, in_range, block * GROUPS, v_rank, v_n8, v_scales, GROUPS, GROUP // 2,
+                            WORDS and ALIGN >= 4,
+                        )  # fmt: skip
                 z = _value_tile(
                     ZV, row, in_range, block, rv, rv_ok, v_rank, v_n8, v_scales, v_size, tile_scale,
                     LIKE.dtype.element_ty, RVB, QUANT, GROUP, GROUPS, HAS8, HAS4, ALIGN, APART,
@@ -1245,6 +1253,9 @@ DEFAULT_CONFIG = {
     "values_prefetch": True,  # quantized values by group: each next tile's scales loaded a tile ahead, not waited
     # for at once (2-byte loads are not copied asynchronously). H100 4-bit values pass ms, MHA / GQA B16: 0.596 ->
     # 0.548 / 0.175 -> 0.162
+    "value_scale_words": False,  # quantized values by group (rows 4-byte aligned): each fp16 scale read as half of its
+    # 4-byte word, which triton copies asynchronously (sass_report, 4-bit B16 with values_prefetch off: no 2-byte load
+    # waited for in the loop; MHA 581 loop instructions against the prefetch's 567, GQA 662 against 642). Not timed
     "values_tma": False,  # values pass: scores and 16-bit value latents by TMA. Off: on the H100 its results differ
     # from the pointer loads by ~3e-3 at batch >= 4 (exact at batch 1; cause not found) and it is slower at MHA B16
 }
@@ -1596,7 +1607,7 @@ def latent_decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), maxes.stride(0), maxes.stride(1),
         HP=heads_p2, RVB=value_block, BT=block_tokens, PRECISION=precision, QUANT=quant, GROUP=group,
         GROUPS=groups_per_program, **v_flags, TMA=values_tma, APART=by_group and apart,
-        PREFETCH=bool(cfg["values_prefetch"]),
+        PREFETCH=bool(cfg["values_prefetch"]), WORDS=bool(cfg["value_scale_words"]),
         num_warps=values_warps, num_stages=cfg["values_stages"],
     )  # fmt: skip
     aggregated = torch.empty(batch, num_heads, v_rank, dtype=query.dtype, device=device)

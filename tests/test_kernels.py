@@ -322,11 +322,11 @@ GUARDED_CASES = [case for case in QUANT_CASES if not case[-1].get("embedded")] +
 
 
 @pytest.mark.parametrize("groups, k_ranks, k_n8, v_rank, v_n8, group, extras", GUARDED_CASES)
-@pytest.mark.parametrize("config", [None, {"key_scale_words": True}])
+@pytest.mark.parametrize("config", [None, {"key_scale_words": True, "value_scale_words": True}])
 def test_quantized_reads_stay_inside_the_rows(guards, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config):
     """No active lane of the kernel's loads touches the 64 bytes before or after the rows: masks must switch off
     lanes that point outside, not only discard what they read (every quantized case: grouped and per-value reads;
-    key scales read as 4-byte words)."""
+    key and value scales read as 4-byte words)."""
     check_quantized(torch.float32, groups, k_ranks, k_n8, v_rank, v_n8, group, extras, config=config, place=guards)
     assert len(guards.zones) == 4 and not guards.hits, guards.hits[:8]
 
@@ -671,13 +671,15 @@ def test_quantized_value_pairs_apart(poisoned, values_launches, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", [1, 3, 5, 8])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_quantized_value_scales_prefetched(poisoned, values_launches, dtype, case, prefetch):
+@pytest.mark.parametrize("case", [1, 3, 5, 8, 10])
+@pytest.mark.parametrize("prefetch, words", [(False, False), (True, False), (False, True), (True, True)])
+def test_quantized_value_scales_prefetched(poisoned, values_launches, dtype, case, prefetch, words):
     """The values pass by scale group with each next tile's scales loaded a tile ahead (`values_prefetch`, the
-    default) or each tile's when it is worked on: a ragged last group, 8-bit groups, rows in whole words."""
-    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config={"values_prefetch": prefetch})
-    assert [launch["PREFETCH"] for launch in values_launches] == [prefetch]
+    default) or each tile's when it is worked on, read as 2 bytes or from their 4-byte words where rows are 4-byte
+    aligned (`value_scale_words`): a ragged last group, 8-bit groups, rows in whole words or 16-byte aligned."""
+    config = {"values_prefetch": prefetch, "value_scale_words": words}
+    check_quantized(dtype, *QUANT_CASES[case][:-1], QUANT_CASES[case][-1], config=config)
+    assert [(launch["PREFETCH"], launch["WORDS"]) for launch in values_launches] == [(prefetch, words)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
